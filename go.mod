@@ -1,0 +1,3 @@
+module github.com/meshturbo/meshturbo
+
+go 1.26
