@@ -1,0 +1,256 @@
+package xds
+
+import (
+	"cmp"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	mcp "istio.io/api/mcp/v1alpha1"
+)
+
+// Resource is one Istio config object served over MCP-over-xDS.
+type Resource struct {
+	// Namespace and Name form the MCP name "namespace/name" istiod requires.
+	Namespace string
+	Name      string
+	Labels    map[string]string
+	// Spec is the Istio API message, e.g. *networking.ServiceEntry.
+	Spec proto.Message
+}
+
+// Store holds the state of the world per type URL and answers xDS watches from it.
+// It implements go-control-plane's cache.Cache for the state-of-the-world protocol.
+// Every type URL a client asks for is answered, with an empty list when the store holds
+// nothing for it: istiod waits for every type it watches before it serves.
+//
+// Versions are content hashes: a resource's version changes only when its content does,
+// and a type's response version changes only when one of its resources does, so two stores
+// fed the same input serve identical versions and an unchanged Set causes no push.
+type Store struct {
+	mu      sync.Mutex
+	types   map[string]*typeState
+	watches map[string]map[*watch]struct{}
+}
+
+type typeState struct {
+	version   string
+	resources []*anypb.Any
+	names     map[string]string // MCP name → resource version
+}
+
+type watch struct {
+	req  *discovery.DiscoveryRequest
+	out  chan cache.Response
+	done chan struct{}
+	once sync.Once
+}
+
+func (w *watch) cancel() { w.once.Do(func() { close(w.done) }) }
+
+var _ cache.Cache = (*Store)(nil)
+
+// NewStore returns an empty store.
+func NewStore() *Store {
+	return &Store{types: map[string]*typeState{}, watches: map[string]map[*watch]struct{}{}}
+}
+
+// Set replaces the full state of typeURL with res and notifies clients when it changed.
+// It returns whether anything changed. Two resources with the same name are an error and
+// leave the previous state in place.
+func (s *Store) Set(typeURL string, res []Resource) (bool, error) {
+	st, err := buildTypeState(res)
+	if err != nil {
+		return false, fmt.Errorf("set %s: %w", typeURL, err)
+	}
+	s.mu.Lock()
+	if old, ok := s.types[typeURL]; ok && old.version == st.version {
+		s.mu.Unlock()
+		return false, nil
+	}
+	s.types[typeURL] = st
+	var fire []*watch
+	for w := range s.watches[typeURL] {
+		fire = append(fire, w)
+	}
+	delete(s.watches, typeURL)
+	s.mu.Unlock()
+	for _, w := range fire {
+		s.respond(w, typeURL, st)
+	}
+	return true, nil
+}
+
+// Version returns the current response version of typeURL ("" when never set).
+func (s *Store) Version(typeURL string) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st, ok := s.types[typeURL]; ok {
+		return st.version
+	}
+	return ""
+}
+
+// ResourceVersions returns MCP name → version for typeURL.
+func (s *Store) ResourceVersions(typeURL string) map[string]string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string]string{}
+	if st, ok := s.types[typeURL]; ok {
+		for k, v := range st.names {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+var emptyState = mustEmptyState()
+
+func mustEmptyState() *typeState {
+	st, err := buildTypeState(nil)
+	if err != nil {
+		panic(err)
+	}
+	return st
+}
+
+func buildTypeState(res []Resource) (*typeState, error) {
+	sorted := slices.Clone(res)
+	slices.SortFunc(sorted, func(a, b Resource) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+	st := &typeState{names: make(map[string]string, len(sorted)), resources: make([]*anypb.Any, 0, len(sorted))}
+	typeHash := sha256.New()
+	for _, r := range sorted {
+		if r.Namespace == "" || r.Name == "" || strings.Contains(r.Name, "/") {
+			return nil, fmt.Errorf("resource %q/%q: namespace and name must be set and name must not contain '/'", r.Namespace, r.Name)
+		}
+		name := r.Namespace + "/" + r.Name
+		if _, dup := st.names[name]; dup {
+			return nil, fmt.Errorf("resource %s appears twice", name)
+		}
+		body, err := anypb.New(r.Spec)
+		if err != nil {
+			return nil, fmt.Errorf("resource %s: %w", name, err)
+		}
+		// Deterministic marshalling makes the hash a function of content alone.
+		spec, err := proto.MarshalOptions{Deterministic: true}.Marshal(r.Spec)
+		if err != nil {
+			return nil, fmt.Errorf("resource %s: %w", name, err)
+		}
+		h := sha256.New()
+		h.Write(spec)
+		for _, k := range sortedKeys(r.Labels) {
+			fmt.Fprintf(h, "\x00%s=%s", k, r.Labels[k])
+		}
+		version := hex.EncodeToString(h.Sum(nil))[:16]
+		st.names[name] = version
+		wrapped, err := anypb.New(&mcp.Resource{
+			Metadata: &mcp.Metadata{Name: name, Version: version, Labels: r.Labels},
+			Body:     body,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("resource %s: %w", name, err)
+		}
+		st.resources = append(st.resources, wrapped)
+		fmt.Fprintf(typeHash, "%s\x00%s\x00", name, version)
+	}
+	st.version = hex.EncodeToString(typeHash.Sum(nil))[:16]
+	return st, nil
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// CreateWatch answers at once when the client's version differs from the current one, and
+// otherwise holds the watch until the type changes. A NACK (a request carrying an error) is
+// not answered with the same version again: the client already has it and rejected it.
+func (s *Store) CreateWatch(req *cache.Request, _ cache.Subscription, out chan cache.Response) (func(), error) {
+	typeURL := req.GetTypeUrl()
+	w := &watch{req: req, out: out, done: make(chan struct{})}
+	s.mu.Lock()
+	st, ok := s.types[typeURL]
+	if !ok {
+		st = emptyState
+	}
+	if req.GetVersionInfo() != st.version && req.GetErrorDetail() == nil {
+		s.mu.Unlock()
+		s.respond(w, typeURL, st)
+		return w.cancel, nil
+	}
+	if s.watches[typeURL] == nil {
+		s.watches[typeURL] = map[*watch]struct{}{}
+	}
+	s.watches[typeURL][w] = struct{}{}
+	s.mu.Unlock()
+	return func() {
+		w.cancel()
+		s.mu.Lock()
+		delete(s.watches[typeURL], w)
+		s.mu.Unlock()
+	}, nil
+}
+
+// respond hands the response to the stream. The stream's channel may be full while its
+// goroutine is busy; the send gives up when the watch is cancelled, so nothing blocks forever.
+func (s *Store) respond(w *watch, typeURL string, st *typeState) {
+	resp := &cache.PassthroughResponse{
+		Request: w.req,
+		DiscoveryResponse: &discovery.DiscoveryResponse{
+			VersionInfo: st.version,
+			TypeUrl:     typeURL,
+			Resources:   st.resources,
+		},
+		ReturnedResources: st.names,
+	}
+	select {
+	case w.out <- resp:
+		return
+	default:
+	}
+	go func() {
+		select {
+		case w.out <- resp:
+		case <-w.done:
+		}
+	}()
+}
+
+var errDeltaUnsupported = errors.New("incremental (delta) xDS is not served; use state-of-the-world ADS")
+
+// CreateDeltaWatch refuses incremental xDS: istiod's MCP client speaks state of the world.
+func (s *Store) CreateDeltaWatch(*cache.DeltaRequest, cache.Subscription, chan cache.DeltaResponse) (func(), error) {
+	return nil, errDeltaUnsupported
+}
+
+// Fetch answers REST-style polling with the current state.
+func (s *Store) Fetch(_ context.Context, req *cache.Request) (cache.Response, error) {
+	s.mu.Lock()
+	st, ok := s.types[req.GetTypeUrl()]
+	s.mu.Unlock()
+	if !ok {
+		st = emptyState
+	}
+	return &cache.PassthroughResponse{
+		Request: req,
+		DiscoveryResponse: &discovery.DiscoveryResponse{
+			VersionInfo: st.version, TypeUrl: req.GetTypeUrl(), Resources: st.resources,
+		},
+		ReturnedResources: st.names,
+	}, nil
+}
