@@ -10,8 +10,8 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	networking "istio.io/api/networking/v1alpha3"
 	mcp "istio.io/api/mcp/v1alpha1"
+	networking "istio.io/api/networking/v1alpha3"
 )
 
 // adsClient is a minimal MCP client behaving as istiod does: one ADS stream, one request per type.

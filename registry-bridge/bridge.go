@@ -1,0 +1,194 @@
+// Package bridge turns what service registries hold into Istio config. Each registry has a
+// watcher in a sub-package (consul/, …) that publishes complete snapshots of its source; the
+// Bridge validates and merges them into one model.Catalog, and Translate turns the catalog
+// into ServiceEntry resources for the xDS server.
+//
+// Conflict rule: when two sources claim the same host name, the source listed first in
+// Config.Watchers wins and the other's service is reported as skipped.
+package bridge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/meshturbo/meshturbo/model"
+)
+
+// Watcher watches one registry. Run blocks until ctx ends, calling publish with the complete
+// set of services of its source whenever it changes. It never publishes a partial or empty
+// view because the registry is unreachable: it keeps quiet and retries instead.
+type Watcher interface {
+	Source() model.Source
+	Run(ctx context.Context, publish func([]model.Service)) error
+}
+
+// Config configures a Bridge.
+type Config struct {
+	// Watchers in priority order (see the package doc for the conflict rule).
+	Watchers []Watcher
+	// OnCatalog receives every new catalog. It is called from one goroutine, never concurrently.
+	OnCatalog func(*model.Catalog)
+	// Debounce is how long the bridge waits for more changes before building a catalog.
+	Debounce time.Duration
+	Logger   *slog.Logger
+}
+
+func (c *Config) validate() error {
+	if len(c.Watchers) == 0 {
+		return errors.New("bridge: no registry watchers configured")
+	}
+	if c.OnCatalog == nil {
+		return errors.New("bridge: Config.OnCatalog is nil")
+	}
+	if c.Debounce <= 0 {
+		c.Debounce = 50 * time.Millisecond
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// SourceStatus is what the bridge knows about one source.
+type SourceStatus struct {
+	Source    model.Source    `json:"source"`
+	Synced    bool            `json:"synced"`
+	LastSync  time.Time       `json:"last_sync,omitzero"`
+	Services  int             `json:"services"`
+	Endpoints int             `json:"endpoints"`
+	Skipped   []model.Skipped `json:"skipped,omitempty"`
+	LastError string          `json:"last_error,omitempty"`
+}
+
+// Bridge runs the watchers and merges their snapshots.
+type Bridge struct {
+	cfg    Config
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	kick   chan struct{}
+
+	mu        sync.Mutex
+	snapshots map[model.Source][]model.Service
+	status    map[model.Source]*SourceStatus
+	catalog   *model.Catalog
+}
+
+// New validates cfg and starts every watcher. Close stops them.
+func New(cfg Config) (*Bridge, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &Bridge{
+		cfg:       cfg,
+		cancel:    cancel,
+		kick:      make(chan struct{}, 1),
+		snapshots: map[model.Source][]model.Service{},
+		status:    map[model.Source]*SourceStatus{},
+	}
+	for _, w := range cfg.Watchers {
+		src := w.Source()
+		if _, dup := b.status[src]; dup {
+			cancel()
+			return nil, fmt.Errorf("bridge: source %s configured twice", src)
+		}
+		b.status[src] = &SourceStatus{Source: src}
+	}
+	for _, w := range cfg.Watchers {
+		b.wg.Add(1)
+		go b.runWatcher(ctx, w)
+	}
+	b.wg.Add(1)
+	go b.merge(ctx)
+	return b, nil
+}
+
+func (b *Bridge) runWatcher(ctx context.Context, w Watcher) {
+	defer b.wg.Done()
+	src := w.Source()
+	err := w.Run(ctx, func(svcs []model.Service) {
+		clean, skipped := model.Sanitize(svcs)
+		for _, s := range skipped {
+			b.cfg.Logger.Warn("registry entry skipped", "source", src, "service", s.Hostname, "instance", s.ID, "reason", s.Reason)
+		}
+		eps := 0
+		for _, s := range clean {
+			eps += len(s.Endpoints)
+		}
+		b.mu.Lock()
+		b.snapshots[src] = clean
+		st := b.status[src]
+		st.Synced, st.LastSync, st.Services, st.Endpoints, st.Skipped = true, time.Now(), len(clean), eps, skipped
+		b.mu.Unlock()
+		select {
+		case b.kick <- struct{}{}:
+		default:
+		}
+	})
+	if err != nil && ctx.Err() == nil {
+		b.cfg.Logger.Error("registry watcher stopped", "source", src, "error", err)
+		b.mu.Lock()
+		b.status[src].LastError = err.Error()
+		b.mu.Unlock()
+	}
+}
+
+// merge builds a catalog after each quiet period that follows a change.
+func (b *Bridge) merge(ctx context.Context) {
+	defer b.wg.Done()
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return
+		case <-b.kick:
+			timer.Reset(b.cfg.Debounce)
+		case <-timer.C:
+			b.mu.Lock()
+			var all []model.Service
+			for _, w := range b.cfg.Watchers {
+				all = append(all, b.snapshots[w.Source()]...)
+			}
+			b.mu.Unlock()
+			cat := model.NewCatalog(all)
+			for _, s := range cat.Skipped {
+				b.cfg.Logger.Warn("service skipped", "source", s.Source, "service", s.Hostname, "reason", s.Reason)
+			}
+			b.mu.Lock()
+			b.catalog = cat
+			b.mu.Unlock()
+			b.cfg.OnCatalog(cat)
+		}
+	}
+}
+
+// Status returns the status of every source, in priority order.
+func (b *Bridge) Status() []SourceStatus {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make([]SourceStatus, 0, len(b.cfg.Watchers))
+	for _, w := range b.cfg.Watchers {
+		out = append(out, *b.status[w.Source()])
+	}
+	return out
+}
+
+// Catalog returns the last merged catalog, or nil before the first one.
+func (b *Bridge) Catalog() *model.Catalog {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.catalog
+}
+
+// Close stops every watcher and waits for them.
+func (b *Bridge) Close() error {
+	b.cancel()
+	b.wg.Wait()
+	return nil
+}

@@ -1,0 +1,350 @@
+// Package consul watches a Consul catalog with blocking queries and publishes its services,
+// passing instances only, as model services named "<service>.<Domain>".
+//
+// Mapping: the service port is the port most instances use (ties: the lowest); each endpoint
+// keeps its own port. The port protocol comes from the instance meta key "protocol" (http,
+// http2, grpc, tcp, …; TCP when absent). An instance is meshed (gets Istio mTLS) when its meta
+// key Config.MeshedMetaKey is "true". Tags of the form key=value and meta become endpoint labels.
+package consul
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/meshturbo/meshturbo/model"
+)
+
+// Config configures a Watcher.
+type Config struct {
+	// Address of the Consul HTTP API, e.g. "127.0.0.1:8500".
+	Address    string
+	Datacenter string
+	Token      string
+	// Domain is appended to service names to form host names (default "service.consul").
+	Domain string
+	// MeshedMetaKey names the instance meta key that marks a meshed instance (default "mesh").
+	MeshedMetaKey string
+	// WaitTime bounds each blocking query (default 5m, as Consul's own default).
+	WaitTime time.Duration
+	// Debounce is the quiet period before a snapshot is published (default 50ms).
+	Debounce time.Duration
+	Logger   *slog.Logger
+}
+
+func (c *Config) validate() error {
+	if c.Address == "" {
+		return errors.New("consul: Address is empty; set the Consul HTTP address, e.g. 127.0.0.1:8500")
+	}
+	if c.Domain == "" {
+		c.Domain = "service.consul"
+	}
+	if c.MeshedMetaKey == "" {
+		c.MeshedMetaKey = "mesh"
+	}
+	if c.WaitTime <= 0 {
+		c.WaitTime = 5 * time.Minute
+	}
+	if c.Debounce <= 0 {
+		c.Debounce = 50 * time.Millisecond
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// Watcher publishes Consul's services. Create it with New, run it with Run.
+type Watcher struct {
+	cfg    Config
+	client *api.Client
+}
+
+// New validates cfg and creates the API client; it does not contact Consul.
+func New(cfg Config) (*Watcher, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	acfg := api.DefaultConfig()
+	acfg.Address = cfg.Address
+	acfg.Datacenter = cfg.Datacenter
+	acfg.Token = cfg.Token
+	client, err := api.NewClient(acfg)
+	if err != nil {
+		return nil, fmt.Errorf("consul: client for %s: %w", cfg.Address, err)
+	}
+	return &Watcher{cfg: cfg, client: client}, nil
+}
+
+// Source names the registry.
+func (w *Watcher) Source() model.Source { return model.SourceConsul }
+
+// run state shared by the catalog loop and the per-service health loops.
+type state struct {
+	mu        sync.Mutex
+	instances map[string][]*api.ServiceEntry // service name → passing instances
+	pending   map[string]bool                // services whose first health answer is outstanding
+	listed    bool                           // the catalog has been listed once
+	changed   chan struct{}
+}
+
+func (s *state) notify() {
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
+// Run watches until ctx ends. Errors talking to Consul are logged and retried with backoff;
+// the last published snapshot stays in force meanwhile.
+func (w *Watcher) Run(ctx context.Context, publish func([]model.Service)) error {
+	st := &state{instances: map[string][]*api.ServiceEntry{}, pending: map[string]bool{}, changed: make(chan struct{}, 1)}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		w.watchCatalog(ctx, st, &wg)
+	}()
+
+	debounce := time.NewTimer(time.Hour)
+	debounce.Stop()
+	defer debounce.Stop()
+	var last []model.Service
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-st.changed:
+			debounce.Reset(w.cfg.Debounce)
+		case <-debounce.C:
+			st.mu.Lock()
+			ready := st.listed && len(st.pending) == 0
+			var snap []model.Service
+			if ready {
+				snap = w.snapshot(st.instances)
+			}
+			st.mu.Unlock()
+			if !ready {
+				continue // a partial view is never published
+			}
+			if last != nil && equalServices(last, snap) {
+				continue
+			}
+			last = snap
+			publish(snap)
+		}
+	}
+}
+
+// watchCatalog follows the list of service names and runs one health watch per service.
+func (w *Watcher) watchCatalog(ctx context.Context, st *state, wg *sync.WaitGroup) {
+	healthStops := map[string]context.CancelFunc{}
+	defer func() {
+		for _, stop := range healthStops {
+			stop()
+		}
+	}()
+	var index uint64
+	bo := newBackoff()
+	for ctx.Err() == nil {
+		q := (&api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.WaitTime, AllowStale: true}).WithContext(ctx)
+		names, meta, err := w.client.Catalog().Services(q)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			w.cfg.Logger.Warn("consul catalog query failed; keeping the last snapshot", "address", w.cfg.Address, "error", err, "retry_in", bo.peek())
+			bo.wait(ctx)
+			continue
+		}
+		bo.reset()
+		index = NextIndex(index, meta.LastIndex)
+
+		st.mu.Lock()
+		for name := range names {
+			if name == "consul" {
+				continue
+			}
+			if _, running := healthStops[name]; running {
+				continue
+			}
+			hctx, stop := context.WithCancel(ctx)
+			healthStops[name] = stop
+			st.pending[name] = true
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				w.watchHealth(hctx, st, name)
+			}()
+		}
+		for name, stop := range healthStops {
+			if _, ok := names[name]; !ok {
+				stop()
+				delete(healthStops, name)
+				delete(st.instances, name)
+				delete(st.pending, name)
+			}
+		}
+		st.listed = true
+		st.mu.Unlock()
+		st.notify()
+	}
+}
+
+// watchHealth follows the passing instances of one service.
+func (w *Watcher) watchHealth(ctx context.Context, st *state, name string) {
+	var index uint64
+	bo := newBackoff()
+	for ctx.Err() == nil {
+		q := (&api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.WaitTime, AllowStale: true}).WithContext(ctx)
+		entries, meta, err := w.client.Health().Service(name, "", true, q)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			w.cfg.Logger.Warn("consul health query failed; keeping the last snapshot", "service", name, "error", err, "retry_in", bo.peek())
+			bo.wait(ctx)
+			continue
+		}
+		bo.reset()
+		index = NextIndex(index, meta.LastIndex)
+		st.mu.Lock()
+		if ctx.Err() == nil { // the service may have been removed meanwhile
+			st.instances[name] = entries
+			delete(st.pending, name)
+		}
+		st.mu.Unlock()
+		st.notify()
+	}
+}
+
+// NextIndex applies Consul's rules for blocking-query indexes: an index that goes backwards
+// (a snapshot restore, a new leader with an older raft log) resets the watch to 0 so the next
+// query returns at once with the full current state; an index of 0 is treated as 1 so the
+// next query still blocks.
+func NextIndex(prev, got uint64) uint64 {
+	switch {
+	case got < prev:
+		return 0
+	case got == 0:
+		return 1
+	default:
+		return got
+	}
+}
+
+func (w *Watcher) snapshot(instances map[string][]*api.ServiceEntry) []model.Service {
+	out := make([]model.Service, 0, len(instances))
+	for name, entries := range instances {
+		out = append(out, w.toService(name, entries))
+	}
+	slices.SortFunc(out, func(a, b model.Service) int { return cmp.Compare(a.Hostname, b.Hostname) })
+	return out
+}
+
+func (w *Watcher) toService(name string, entries []*api.ServiceEntry) model.Service {
+	svc := model.Service{
+		Hostname: strings.ToLower(name) + "." + w.cfg.Domain,
+		Source:   model.SourceConsul,
+	}
+	sorted := slices.Clone(entries)
+	slices.SortFunc(sorted, func(a, b *api.ServiceEntry) int { return cmp.Compare(a.Service.ID, b.Service.ID) })
+
+	proto := model.ProtocolTCP
+	counts := map[int]int{}
+	for _, e := range sorted {
+		counts[e.Service.Port]++
+		if p := e.Service.Meta["protocol"]; p != "" && proto == model.ProtocolTCP {
+			proto = model.ParseProtocol(p)
+		}
+	}
+	portName := strings.ToLower(string(proto))
+	svc.Ports = []model.Port{{Name: portName, Number: uint32(clampPort(mostCommon(counts))), Protocol: proto}}
+
+	for _, e := range sorted {
+		addr := e.Service.Address
+		if addr == "" {
+			addr = e.Node.Address
+		}
+		ep := model.Endpoint{
+			ID:       e.Service.ID,
+			Address:  addr,
+			Ports:    map[string]uint32{portName: uint32(clampPort(e.Service.Port))},
+			Labels:   labels(e.Service),
+			Locality: e.Service.Meta["locality"],
+			Weight:   uint32(max(e.Service.Weights.Passing, 0)),
+			Meshed:   e.Service.Meta[w.cfg.MeshedMetaKey] == "true",
+		}
+		svc.Endpoints = append(svc.Endpoints, ep)
+	}
+	return svc
+}
+
+// clampPort maps out-of-range ports to 0, which validation rejects with a reason.
+func clampPort(p int) int {
+	if p < 0 || p > 65535 {
+		return 0
+	}
+	return p
+}
+
+func mostCommon(counts map[int]int) int {
+	best, bestN := 0, 0
+	for p, n := range counts {
+		if n > bestN || (n == bestN && p < best) {
+			best, bestN = p, n
+		}
+	}
+	return best
+}
+
+func labels(s *api.AgentService) map[string]string {
+	out := map[string]string{}
+	maps.Copy(out, s.Meta)
+	for _, t := range s.Tags {
+		if k, v, ok := strings.Cut(t, "="); ok {
+			out[k] = v
+		}
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	return out
+}
+
+func equalServices(a, b []model.Service) bool {
+	return slices.EqualFunc(a, b, func(x, y model.Service) bool {
+		x.Normalize()
+		y.Normalize()
+		return x.Equal(&y)
+	})
+}
+
+// backoff doubles from 100ms to 5s.
+type backoff struct{ next time.Duration }
+
+func newBackoff() *backoff             { return &backoff{next: 100 * time.Millisecond} }
+func (b *backoff) reset()              { b.next = 100 * time.Millisecond }
+func (b *backoff) peek() time.Duration { return b.next }
+func (b *backoff) wait(ctx context.Context) {
+	t := time.NewTimer(b.next)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+	b.next = min(2*b.next, 5*time.Second)
+}

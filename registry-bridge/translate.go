@@ -1,0 +1,101 @@
+package bridge
+
+import (
+	"regexp"
+	"strings"
+
+	networking "istio.io/api/networking/v1alpha3"
+
+	"github.com/meshturbo/meshturbo/model"
+	"github.com/meshturbo/meshturbo/xds"
+)
+
+// TLSModeLabel is the endpoint label with which Istio decides whether to speak mTLS to an
+// endpoint: "istio" for a meshed instance; absent for plaintext.
+const TLSModeLabel = "security.istio.io/tlsMode"
+
+// TranslateOptions shape the ServiceEntries.
+type TranslateOptions struct {
+	// Namespace is where the ServiceEntries live in Istio (default "meshturbo-system").
+	// They are exported to every namespace.
+	Namespace string
+}
+
+// Translate turns every service of the catalog into one ServiceEntry with STATIC resolution.
+// Equal catalogs translate to equal resources.
+func Translate(cat *model.Catalog, opts TranslateOptions) []xds.Resource {
+	ns := opts.Namespace
+	if ns == "" {
+		ns = "meshturbo-system"
+	}
+	out := make([]xds.Resource, 0, len(cat.Services))
+	for i := range cat.Services {
+		svc := &cat.Services[i]
+		out = append(out, xds.Resource{
+			Namespace: ns,
+			Name:      svc.Hostname,
+			Labels:    map[string]string{"app.kubernetes.io/managed-by": "meshturbo", "meshturbo.io/source": string(svc.Source)},
+			Spec:      ServiceEntry(svc),
+		})
+	}
+	return out
+}
+
+// ServiceEntry translates one service.
+func ServiceEntry(svc *model.Service) *networking.ServiceEntry {
+	se := &networking.ServiceEntry{
+		Hosts:      []string{svc.Hostname},
+		Location:   networking.ServiceEntry_MESH_INTERNAL,
+		Resolution: networking.ServiceEntry_STATIC,
+		ExportTo:   []string{"*"},
+	}
+	for _, p := range svc.Ports {
+		se.Ports = append(se.Ports, &networking.ServicePort{Number: p.Number, Name: p.Name, Protocol: string(p.Protocol)})
+	}
+	for _, ep := range svc.Endpoints {
+		we := &networking.WorkloadEntry{
+			Address:  ep.Address,
+			Ports:    ep.Ports,
+			Labels:   cleanLabels(ep.Labels),
+			Locality: ep.Locality,
+			Weight:   ep.Weight,
+		}
+		if ep.Meshed {
+			if we.Labels == nil {
+				we.Labels = map[string]string{}
+			}
+			we.Labels[TLSModeLabel] = "istio"
+		} else {
+			delete(we.Labels, TLSModeLabel)
+		}
+		se.Endpoints = append(se.Endpoints, we)
+	}
+	return se
+}
+
+var (
+	labelNameRE  = regexp.MustCompile(`^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$`)
+	labelValueRE = regexp.MustCompile(`^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$`)
+)
+
+// cleanLabels keeps the labels Kubernetes (and so Istio's validation) accepts and drops the
+// rest: registry metadata is free-form, labels are not.
+func cleanLabels(in map[string]string) map[string]string {
+	if len(in) == 0 {
+		return nil
+	}
+	out := make(map[string]string, len(in))
+	for k, v := range in {
+		name := k
+		if prefix, rest, ok := strings.Cut(k, "/"); ok {
+			if len(prefix) > 253 || !model.ValidHostname(prefix) {
+				continue
+			}
+			name = rest
+		}
+		if labelNameRE.MatchString(name) && labelValueRE.MatchString(v) {
+			out[k] = v
+		}
+	}
+	return out
+}
