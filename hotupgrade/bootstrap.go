@@ -31,16 +31,20 @@ type SidecarBootstrap struct {
 	Namespace string
 	// Labels are the workload's labels (istiod selects Sidecar and other config by them).
 	Labels map[string]string
-	// HTTPProxyPort, when set, asks istiod for an HTTP proxy listener on 127.0.0.1:<port>:
-	// an app (or a test) with no traffic interception sends requests there with the
-	// service's host name, and Envoy routes them as it would intercepted ones.
-	HTTPProxyPort int
+	// InterceptionMode is how app traffic reaches Envoy: "REDIRECT" (iptables or the BPF
+	// connect redirection, Istio's default) or "NONE", where nothing intercepts and istiod
+	// makes Envoy bind each service port on 127.0.0.1 so apps call it there directly.
+	InterceptionMode string
 	// ClusterID is the Istio cluster id (default "Kubernetes").
 	ClusterID string
 	// IstioVersion is the proxy version reported to istiod (default "1.31.0").
 	IstioVersion string
 	// DNSDomain is the cluster domain (default "cluster.local").
 	DNSDomain string
+	// SDSSocket is the unix socket of the SDS server that hands Envoy its workload
+	// certificate (see SDSServer). istiod's config names an "sds-grpc" cluster for it;
+	// without one, Envoy waits for its certificates forever and never becomes ready.
+	SDSSocket string
 }
 
 func (b *SidecarBootstrap) validate() error {
@@ -57,8 +61,15 @@ func (b *SidecarBootstrap) validate() error {
 	if b.PodName == "" || b.Namespace == "" {
 		errs = append(errs, errors.New("PodName and Namespace must be set"))
 	}
-	if b.HTTPProxyPort < 0 || b.HTTPProxyPort > 65535 {
-		errs = append(errs, fmt.Errorf("HTTPProxyPort %d is outside 0-65535", b.HTTPProxyPort))
+	if b.SDSSocket == "" {
+		errs = append(errs, errors.New("SDSSocket must be set: istiod's config needs the workload certificate"))
+	}
+	switch b.InterceptionMode {
+	case "":
+		b.InterceptionMode = "REDIRECT"
+	case "REDIRECT", "NONE":
+	default:
+		errs = append(errs, fmt.Errorf("InterceptionMode %q is not REDIRECT or NONE", b.InterceptionMode))
 	}
 	if b.ClusterID == "" {
 		b.ClusterID = "Kubernetes"
@@ -104,12 +115,9 @@ func (b *SidecarBootstrap) proto() (*bootstrap.Bootstrap, error) {
 		"NAME":              b.PodName,
 		"WORKLOAD_NAME":     b.PodName,
 		"INSTANCE_IPS":      b.IP,
-		"INTERCEPTION_MODE": "REDIRECT",
+		"INTERCEPTION_MODE": b.InterceptionMode,
 		"LABELS":            labels,
 		"MESH_ID":           "cluster.local",
-	}
-	if b.HTTPProxyPort > 0 {
-		md["HTTP_PROXY_PORT"] = strconv.Itoa(b.HTTPProxyPort)
 	}
 	meta, err := structpb.NewStruct(md)
 	if err != nil {
@@ -156,26 +164,29 @@ func (b *SidecarBootstrap) proto() (*bootstrap.Bootstrap, error) {
 			LdsConfig: ads,
 		},
 		StaticResources: &bootstrap.Bootstrap_StaticResources{
-			Clusters: []*cluster.Cluster{{
-				Name:                 "xds-grpc",
-				ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_STATIC},
-				ConnectTimeout:       durationpb.New(time.Second),
-				TypedExtensionProtocolOptions: map[string]*anypb.Any{
-					"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": h2,
-				},
-				LoadAssignment: &endpoint.ClusterLoadAssignment{
-					ClusterName: "xds-grpc",
-					Endpoints: []*endpoint.LocalityLbEndpoints{{
-						LbEndpoints: []*endpoint.LbEndpoint{{
-							HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
-								Address: socketAddress(xdsHost, xdsPort),
-							}},
-						}},
-					}},
-				},
-			}},
+			Clusters: []*cluster.Cluster{
+				grpcCluster("xds-grpc", socketAddress(xdsHost, xdsPort), h2),
+				grpcCluster("sds-grpc", &core.Address{Address: &core.Address_Pipe{Pipe: &core.Pipe{Path: b.SDSSocket}}}, h2),
+			},
 		},
 	}, nil
+}
+
+func grpcCluster(name string, addr *core.Address, h2 *anypb.Any) *cluster.Cluster {
+	return &cluster.Cluster{
+		Name:                          name,
+		ClusterDiscoveryType:          &cluster.Cluster_Type{Type: cluster.Cluster_STATIC},
+		ConnectTimeout:                durationpb.New(time.Second),
+		TypedExtensionProtocolOptions: map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": h2},
+		LoadAssignment: &endpoint.ClusterLoadAssignment{
+			ClusterName: name,
+			Endpoints: []*endpoint.LocalityLbEndpoints{{
+				LbEndpoints: []*endpoint.LbEndpoint{{
+					HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{Address: addr}},
+				}},
+			}},
+		},
+	}
 }
 
 func socketAddress(host, port string) *core.Address {

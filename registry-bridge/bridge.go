@@ -5,6 +5,12 @@
 //
 // Conflict rule: when two sources claim the same host name, the source listed first in
 // Config.Watchers wins and the other's service is reported as skipped.
+//
+// Retention: a service that disappears from its registry (its last instance deregistered) is
+// kept with no endpoints for Config.Retention before it is removed. Callers meanwhile get
+// Envoy's "no healthy upstream" instead of a missing route, and a redeploy that briefly
+// removes every instance changes only endpoints (a cheap EDS push in istiod) rather than
+// removing and re-adding the service (a full push).
 package bridge
 
 import (
@@ -34,7 +40,11 @@ type Config struct {
 	OnCatalog func(*model.Catalog)
 	// Debounce is how long the bridge waits for more changes before building a catalog.
 	Debounce time.Duration
-	Logger   *slog.Logger
+	// Retention is how long a vanished service is kept with no endpoints (default 10m).
+	Retention time.Duration
+	// Now is the clock (default time.Now); tests inject their own.
+	Now    func() time.Time
+	Logger *slog.Logger
 }
 
 func (c *Config) validate() error {
@@ -46,6 +56,12 @@ func (c *Config) validate() error {
 	}
 	if c.Debounce <= 0 {
 		c.Debounce = 50 * time.Millisecond
+	}
+	if c.Retention <= 0 {
+		c.Retention = 10 * time.Minute
+	}
+	if c.Now == nil {
+		c.Now = time.Now
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -73,6 +89,7 @@ type Bridge struct {
 
 	mu        sync.Mutex
 	snapshots map[model.Source][]model.Service
+	retained  map[model.Source]map[string]retainedService
 	status    map[model.Source]*SourceStatus
 	catalog   *model.Catalog
 }
@@ -88,6 +105,7 @@ func New(cfg Config) (*Bridge, error) {
 		cancel:    cancel,
 		kick:      make(chan struct{}, 1),
 		snapshots: map[model.Source][]model.Service{},
+		retained:  map[model.Source]map[string]retainedService{},
 		status:    map[model.Source]*SourceStatus{},
 	}
 	for _, w := range cfg.Watchers {
@@ -120,6 +138,7 @@ func (b *Bridge) runWatcher(ctx context.Context, w Watcher) {
 			eps += len(s.Endpoints)
 		}
 		b.mu.Lock()
+		b.retain(src, clean)
 		b.snapshots[src] = clean
 		st := b.status[src]
 		st.Synced, st.LastSync, st.Services, st.Endpoints, st.Skipped = true, time.Now(), len(clean), eps, skipped
@@ -137,34 +156,93 @@ func (b *Bridge) runWatcher(ctx context.Context, w Watcher) {
 	}
 }
 
-// merge builds a catalog after each quiet period that follows a change.
+// retainedService is a service that left its registry, kept empty until expires.
+type retainedService struct {
+	svc     model.Service
+	expires time.Time
+}
+
+// retain records the services of src's previous snapshot that next lacks. Called with b.mu held.
+func (b *Bridge) retain(src model.Source, next []model.Service) {
+	present := make(map[string]bool, len(next))
+	for _, s := range next {
+		present[s.Hostname] = true
+	}
+	kept := b.retained[src]
+	if kept == nil {
+		kept = map[string]retainedService{}
+		b.retained[src] = kept
+	}
+	for host := range kept {
+		if present[host] {
+			delete(kept, host) // it is back
+		}
+	}
+	for _, s := range b.snapshots[src] {
+		if !present[s.Hostname] {
+			s.Endpoints = nil
+			kept[s.Hostname] = retainedService{svc: s, expires: b.cfg.Now().Add(b.cfg.Retention)}
+		}
+	}
+}
+
+// services returns every source's services in priority order, retained ones included, and
+// when the next retained service expires (zero if none). Called with b.mu held.
+func (b *Bridge) services() ([]model.Service, time.Time) {
+	now := b.cfg.Now()
+	var all []model.Service
+	var next time.Time
+	for _, w := range b.cfg.Watchers {
+		src := w.Source()
+		all = append(all, b.snapshots[src]...)
+		for host, r := range b.retained[src] {
+			if !now.Before(r.expires) {
+				delete(b.retained[src], host)
+				continue
+			}
+			all = append(all, r.svc)
+			if next.IsZero() || r.expires.Before(next) {
+				next = r.expires
+			}
+		}
+	}
+	return all, next
+}
+
+// merge builds a catalog after each quiet period that follows a change, and again when a
+// retained service expires.
 func (b *Bridge) merge(ctx context.Context) {
 	defer b.wg.Done()
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
+	expiry := time.NewTimer(time.Hour)
+	expiry.Stop()
+	defer timer.Stop()
+	defer expiry.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			timer.Stop()
 			return
 		case <-b.kick:
 			timer.Reset(b.cfg.Debounce)
+			continue
 		case <-timer.C:
-			b.mu.Lock()
-			var all []model.Service
-			for _, w := range b.cfg.Watchers {
-				all = append(all, b.snapshots[w.Source()]...)
-			}
-			b.mu.Unlock()
-			cat := model.NewCatalog(all)
-			for _, s := range cat.Skipped {
-				b.cfg.Logger.Warn("service skipped", "source", s.Source, "service", s.Hostname, "reason", s.Reason)
-			}
-			b.mu.Lock()
-			b.catalog = cat
-			b.mu.Unlock()
-			b.cfg.OnCatalog(cat)
+		case <-expiry.C:
 		}
+		b.mu.Lock()
+		all, next := b.services()
+		b.mu.Unlock()
+		if !next.IsZero() {
+			expiry.Reset(next.Sub(b.cfg.Now()))
+		}
+		cat := model.NewCatalog(all)
+		for _, s := range cat.Skipped {
+			b.cfg.Logger.Warn("service skipped", "source", s.Source, "service", s.Hostname, "reason", s.Reason)
+		}
+		b.mu.Lock()
+		b.catalog = cat
+		b.mu.Unlock()
+		b.cfg.OnCatalog(cat)
 	}
 }
 

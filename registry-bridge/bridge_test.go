@@ -1,0 +1,186 @@
+package bridge
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/meshturbo/meshturbo/model"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fakeWatcher publishes whatever the test sends it: a stand-in for a registry when the test is
+// about the bridge's own logic (validation, merge, retention), not about a registry.
+type fakeWatcher struct {
+	src  model.Source
+	snap chan []model.Service
+}
+
+func newFake(src model.Source) *fakeWatcher {
+	return &fakeWatcher{src: src, snap: make(chan []model.Service)}
+}
+
+func (f *fakeWatcher) Source() model.Source { return f.src }
+
+func (f *fakeWatcher) Run(ctx context.Context, publish func([]model.Service)) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case s := <-f.snap:
+			publish(s)
+		}
+	}
+}
+
+type catalogs struct {
+	mu  sync.Mutex
+	got []*model.Catalog
+	ch  chan struct{}
+}
+
+func (c *catalogs) on(cat *model.Catalog) {
+	c.mu.Lock()
+	c.got = append(c.got, cat)
+	c.mu.Unlock()
+	select {
+	case c.ch <- struct{}{}:
+	default:
+	}
+}
+
+// next waits for a catalog satisfying ok.
+func (c *catalogs) next(t *testing.T, ok func(*model.Catalog) bool) *model.Catalog {
+	t.Helper()
+	deadline := time.After(5 * time.Second)
+	for {
+		c.mu.Lock()
+		if n := len(c.got); n > 0 && ok(c.got[n-1]) {
+			cat := c.got[n-1]
+			c.mu.Unlock()
+			return cat
+		}
+		c.mu.Unlock()
+		select {
+		case <-c.ch:
+		case <-deadline:
+			t.Fatal("no matching catalog within 5s")
+		}
+	}
+}
+
+func svc(src model.Source, host string, addrs ...string) model.Service {
+	s := model.Service{Hostname: host, Source: src, Ports: []model.Port{{Name: "http", Number: 80, Protocol: model.ProtocolHTTP}}}
+	for _, a := range addrs {
+		s.Endpoints = append(s.Endpoints, model.Endpoint{ID: a, Address: a, Ports: map[string]uint32{"http": 8080}})
+	}
+	return s
+}
+
+type clock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *clock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+func startBridge(t *testing.T, clk *clock, ws ...Watcher) (*Bridge, *catalogs) {
+	t.Helper()
+	cats := &catalogs{ch: make(chan struct{}, 1)}
+	cfg := Config{Watchers: ws, OnCatalog: cats.on, Debounce: time.Millisecond, Retention: time.Minute}
+	if clk != nil {
+		cfg.Now = clk.Now
+	}
+	b, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return b, cats
+}
+
+func TestMalformedEntriesAreSkippedAndReported(t *testing.T) {
+	w := newFake(model.SourceConsul)
+	b, cats := startBridge(t, nil, w)
+	w.snap <- []model.Service{
+		svc(model.SourceConsul, "good.service.consul", "10.0.0.1", "not-an-ip"),
+		{Hostname: "noport.service.consul", Source: model.SourceConsul},
+	}
+	cat := cats.next(t, func(c *model.Catalog) bool { return len(c.Services) > 0 })
+	if len(cat.Services) != 1 || len(cat.Services[0].Endpoints) != 1 {
+		t.Fatalf("catalog = %+v, want good with one endpoint", cat.Services)
+	}
+	st := b.Status()[0]
+	if !st.Synced || st.Services != 1 || st.Endpoints != 1 || len(st.Skipped) != 2 {
+		t.Fatalf("status = %+v, want 1 service, 1 endpoint, 2 skipped", st)
+	}
+}
+
+func TestVanishedServiceIsRetainedEmptyThenRemoved(t *testing.T) {
+	clk := &clock{now: time.Unix(1_000_000, 0)}
+	w := newFake(model.SourceConsul)
+	_, cats := startBridge(t, clk, w)
+	a := svc(model.SourceConsul, "a.service.consul", "10.0.0.1")
+	gone := svc(model.SourceConsul, "b.service.consul", "10.0.0.2")
+	w.snap <- []model.Service{a, gone}
+	cats.next(t, func(c *model.Catalog) bool { return len(c.Services) == 2 })
+
+	w.snap <- []model.Service{a}
+	cat := cats.next(t, func(c *model.Catalog) bool {
+		b := c.Lookup("b.service.consul")
+		return b != nil && len(b.Endpoints) == 0
+	})
+	if len(cat.Lookup("a.service.consul").Endpoints) != 1 {
+		t.Fatal("a lost its endpoint")
+	}
+
+	clk.Add(2 * time.Minute)
+	w.snap <- []model.Service{a, svc(model.SourceConsul, "c.service.consul", "10.0.0.3")}
+	cats.next(t, func(c *model.Catalog) bool {
+		return c.Lookup("b.service.consul") == nil && c.Lookup("c.service.consul") != nil
+	})
+
+	// A service that comes back within the retention gets its endpoints again.
+	w.snap <- []model.Service{a}
+	cats.next(t, func(c *model.Catalog) bool {
+		return c.Lookup("c.service.consul") != nil && len(c.Lookup("c.service.consul").Endpoints) == 0
+	})
+	w.snap <- []model.Service{a, svc(model.SourceConsul, "c.service.consul", "10.0.0.4")}
+	cats.next(t, func(c *model.Catalog) bool {
+		s := c.Lookup("c.service.consul")
+		return s != nil && len(s.Endpoints) == 1 && s.Endpoints[0].Address == "10.0.0.4"
+	})
+}
+
+func TestPrioritySourceWinsConflicts(t *testing.T) {
+	first, second := newFake(model.SourceConsul), newFake(model.SourceEureka)
+	_, cats := startBridge(t, nil, first, second)
+	second.snap <- []model.Service{svc(model.SourceEureka, "x.example", "10.0.0.2")}
+	first.snap <- []model.Service{svc(model.SourceConsul, "x.example", "10.0.0.1")}
+	cat := cats.next(t, func(c *model.Catalog) bool {
+		s := c.Lookup("x.example")
+		return s != nil && s.Source == model.SourceConsul
+	})
+	if len(cat.Skipped) != 1 || cat.Skipped[0].Source != model.SourceEureka {
+		t.Fatalf("skipped = %+v, want eureka's x.example", cat.Skipped)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	if _, err := New(Config{OnCatalog: func(*model.Catalog) {}}); err == nil {
+		t.Error("no watchers accepted")
+	}
+	w := newFake(model.SourceConsul)
+	if _, err := New(Config{Watchers: []Watcher{w, w}, OnCatalog: func(*model.Catalog) {}}); err == nil {
+		t.Error("a source configured twice accepted")
+	}
+}

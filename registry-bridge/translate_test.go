@@ -1,0 +1,54 @@
+package bridge
+
+import (
+	"testing"
+
+	networking "istio.io/api/networking/v1alpha3"
+
+	"github.com/meshturbo/meshturbo/model"
+)
+
+func TestServiceEntryTranslation(t *testing.T) {
+	s := model.Service{
+		Hostname: "orders.service.consul",
+		Source:   model.SourceConsul,
+		Ports:    []model.Port{{Name: "http", Number: 8080, Protocol: model.ProtocolHTTP}},
+		Endpoints: []model.Endpoint{
+			{ID: "m", Address: "10.0.0.1", Ports: map[string]uint32{"http": 9000}, Meshed: true, Locality: "eu/west", Weight: 3,
+				Labels: map[string]string{"version": "v1", "bad key!": "x", "team": "has space", TLSModeLabel: "forged"}},
+			{ID: "p", Address: "10.0.0.2", Ports: map[string]uint32{"http": 8080}, Labels: map[string]string{TLSModeLabel: "istio"}},
+		},
+	}
+	se := ServiceEntry(&s)
+	if se.Resolution != networking.ServiceEntry_STATIC || se.Hosts[0] != s.Hostname {
+		t.Fatalf("resolution/hosts = %v %v", se.Resolution, se.Hosts)
+	}
+	if p := se.Ports[0]; p.Number != 8080 || p.Protocol != "HTTP" || p.Name != "http" {
+		t.Fatalf("port = %+v", p)
+	}
+	meshed, plain := se.Endpoints[0], se.Endpoints[1]
+	if meshed.Labels[TLSModeLabel] != "istio" {
+		t.Errorf("meshed endpoint lacks tlsMode istio: %v", meshed.Labels)
+	}
+	if _, ok := plain.Labels[TLSModeLabel]; ok {
+		t.Errorf("non-mesh endpoint must not claim mTLS (a registry label cannot forge it): %v", plain.Labels)
+	}
+	if meshed.Labels["version"] != "v1" || len(meshed.Labels) != 2 {
+		t.Errorf("labels = %v, want version and tlsMode only (invalid keys and values dropped)", meshed.Labels)
+	}
+	if meshed.Ports["http"] != 9000 || meshed.Locality != "eu/west" || meshed.Weight != 3 {
+		t.Errorf("endpoint = %+v", meshed)
+	}
+}
+
+func TestTranslateNamesResources(t *testing.T) {
+	cat := model.NewCatalog([]model.Service{{Hostname: "a.service.consul", Source: model.SourceConsul,
+		Ports: []model.Port{{Name: "tcp", Number: 5432, Protocol: model.ProtocolTCP}}}})
+	res := Translate(cat, TranslateOptions{})
+	if len(res) != 1 || res[0].Namespace != "meshturbo-system" || res[0].Name != "a.service.consul" {
+		t.Fatalf("resources = %+v", res)
+	}
+	if res[0].Labels["meshturbo.io/source"] != "consul" {
+		t.Errorf("labels = %v", res[0].Labels)
+	}
+}
