@@ -166,7 +166,8 @@ func (w *Watcher) watchCatalog(ctx context.Context, st *state, wg *sync.WaitGrou
 			if ctx.Err() != nil {
 				return
 			}
-			w.cfg.Logger.Warn("consul catalog query failed; keeping the last snapshot", "address", w.cfg.Address, "error", err, "retry_in", bo.peek())
+			w.cfg.Logger.Warn("consul catalog query failed; keeping the last snapshot", "address", w.cfg.Address, "error", err,
+				"retry_in", bo.peek(), "fix", "check that the Consul HTTP API answers at this address (GET /v1/status/leader)")
 			bo.wait(ctx)
 			continue
 		}

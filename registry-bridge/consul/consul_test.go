@@ -1,0 +1,244 @@
+package consul
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/goleak"
+
+	"github.com/meshturbo/meshturbo/internal/testenv"
+	"github.com/meshturbo/meshturbo/model"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func TestNextIndex(t *testing.T) {
+	for _, tc := range []struct{ prev, got, want uint64 }{
+		{0, 5, 5}, // first answer
+		{5, 9, 9}, // moved forward
+		{9, 9, 9}, // timed out with no change
+		{9, 3, 0}, // went backwards (snapshot restore, new leader): start over
+		{9, 0, 0}, // went to zero: backwards too
+		{0, 0, 1}, // zero from the start: block from 1 so the loop does not spin
+	} {
+		if got := NextIndex(tc.prev, tc.got); got != tc.want {
+			t.Errorf("NextIndex(%d, %d) = %d, want %d", tc.prev, tc.got, got, tc.want)
+		}
+	}
+}
+
+// snapshots records what a watcher publishes.
+type snapshots struct {
+	mu  sync.Mutex
+	all [][]model.Service
+	ch  chan struct{}
+}
+
+func (s *snapshots) publish(svcs []model.Service) {
+	s.mu.Lock()
+	s.all = append(s.all, svcs)
+	s.mu.Unlock()
+	select {
+	case s.ch <- struct{}{}:
+	default:
+	}
+}
+
+func (s *snapshots) count() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.all)
+}
+
+func (s *snapshots) await(t *testing.T, what string, ok func([]model.Service) bool) []model.Service {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		s.mu.Lock()
+		if n := len(s.all); n > 0 && ok(s.all[n-1]) {
+			last := s.all[n-1]
+			s.mu.Unlock()
+			return last
+		}
+		s.mu.Unlock()
+		select {
+		case <-s.ch:
+		case <-deadline:
+			t.Fatalf("%s: not published within 10s", what)
+		}
+	}
+}
+
+func find(svcs []model.Service, host string) *model.Service {
+	for i := range svcs {
+		if svcs[i].Hostname == host {
+			return &svcs[i]
+		}
+	}
+	return nil
+}
+
+func runWatcher(t *testing.T, addr string, log *slog.Logger) *snapshots {
+	t.Helper()
+	w, err := New(Config{Address: addr, Logger: log, WaitTime: 2 * time.Second, Debounce: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snaps := &snapshots{ch: make(chan struct{}, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx, snaps.publish) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	return snaps
+}
+
+func agentClient(t *testing.T, addr string) *api.Client {
+	t.Helper()
+	cfg := api.DefaultConfig()
+	cfg.Address = addr
+	c, err := api.NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestWatchesPassingInstances(t *testing.T) {
+	consul := testenv.StartConsul(t)
+	c := agentClient(t, consul.HTTPAddr)
+	reg := func(id, addr string, port int, status string, meta map[string]string, tags ...string) {
+		t.Helper()
+		r := &api.AgentServiceRegistration{ID: id, Name: "orders", Address: addr, Port: port, Meta: meta, Tags: tags}
+		if status != "" {
+			r.Check = &api.AgentServiceCheck{TTL: "10m", Status: status}
+		}
+		if err := c.Agent().ServiceRegister(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg("orders-1", "10.0.0.1", 8080, "", map[string]string{"protocol": "http", "mesh": "true"}, "version=v1", "plain-tag")
+	reg("orders-2", "10.0.0.2", 8080, api.HealthPassing, map[string]string{"protocol": "http"})
+	reg("orders-3", "10.0.0.3", 9090, api.HealthCritical, nil) // failing: never served
+
+	snaps := runWatcher(t, consul.HTTPAddr, testenv.Logger(t))
+	svcs := snaps.await(t, "orders with two passing instances", func(s []model.Service) bool {
+		o := find(s, "orders.service.consul")
+		return o != nil && len(o.Endpoints) == 2
+	})
+	o := find(svcs, "orders.service.consul")
+	if want := []model.Port{{Name: "http", Number: 8080, Protocol: model.ProtocolHTTP}}; o.Ports[0] != want[0] {
+		t.Errorf("ports = %+v, want %+v", o.Ports, want)
+	}
+	byID := map[string]model.Endpoint{}
+	for _, e := range o.Endpoints {
+		byID[e.ID] = e
+	}
+	if _, ok := byID["orders-3"]; ok {
+		t.Error("critical instance orders-3 served")
+	}
+	e1 := byID["orders-1"]
+	if !e1.Meshed || e1.Labels["version"] != "v1" || e1.Address != "10.0.0.1" || e1.Ports["http"] != 8080 {
+		t.Errorf("orders-1 = %+v", e1)
+	}
+	if byID["orders-2"].Meshed {
+		t.Error("orders-2 has no mesh meta but is marked meshed")
+	}
+
+	// The critical instance turns passing: it appears, on its own port.
+	if err := c.Agent().UpdateTTL("service:orders-3", "", api.HealthPassing); err != nil {
+		t.Fatal(err)
+	}
+	snaps.await(t, "orders-3 after its check passes", func(s []model.Service) bool {
+		o := find(s, "orders.service.consul")
+		return o != nil && len(o.Endpoints) == 3
+	})
+
+	// Deregistering every instance removes the service.
+	for _, id := range []string{"orders-1", "orders-2", "orders-3"} {
+		if err := c.Agent().ServiceDeregister(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	snaps.await(t, "orders removed", func(s []model.Service) bool { return find(s, "orders.service.consul") == nil })
+}
+
+// syncBuffer is a concurrency-safe log sink the test can read.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func awaitLog(t *testing.T, logs *syncBuffer, want string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(logs.String(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("log never said %q; log:\n%s", want, logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestDeadConsulKeepsLastSnapshotAndSaysWhere(t *testing.T) {
+	consul := testenv.StartConsul(t)
+	c := agentClient(t, consul.HTTPAddr)
+	if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "db-1", Name: "db", Address: "10.0.0.9", Port: 5432}); err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncBuffer{}
+	snaps := runWatcher(t, consul.HTTPAddr, slog.New(slog.NewTextHandler(logs, nil)))
+	snaps.await(t, "db", func(s []model.Service) bool { return find(s, "db.service.consul") != nil })
+	before := snaps.count()
+
+	if err := consul.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	awaitLog(t, logs, fmt.Sprintf("address=%s", consul.HTTPAddr))
+	awaitLog(t, logs, "keeping the last snapshot")
+	if n := snaps.count(); n != before {
+		t.Fatalf("published %d snapshots while Consul was down; the last good one must stay", n-before)
+	}
+}
+
+func TestUnreachableConsulNeverPublishes(t *testing.T) {
+	addr := testenv.Addr(testenv.FreePort(t)) // nothing listens here
+	logs := &syncBuffer{}
+	snaps := runWatcher(t, addr, slog.New(slog.NewTextHandler(logs, nil)))
+	awaitLog(t, logs, "consul catalog query failed")
+	if !strings.Contains(logs.String(), addr) {
+		t.Errorf("warning does not name the address %s:\n%s", addr, logs.String())
+	}
+	if snaps.count() != 0 {
+		t.Fatal("published a snapshot without ever reaching Consul")
+	}
+}
+
+func TestConfigValidation(t *testing.T) {
+	if _, err := New(Config{}); err == nil || !strings.Contains(err.Error(), "Address") {
+		t.Fatalf("err = %v, want one naming Address", err)
+	}
+}
