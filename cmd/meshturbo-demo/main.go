@@ -6,7 +6,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -49,10 +48,15 @@ func main() {
 	fmt.Println("logs:", env.Dir())
 }
 
-func step(format string, args ...any) func() {
+// step prints what is being done; the returned func prints how long it took and reports
+// whether the demo was interrupted meanwhile (Ctrl-C), so the caller stops there.
+func step(ctx context.Context, format string, args ...any) func() error {
 	start := time.Now()
 	fmt.Printf("• "+format+" ... ", args...)
-	return func() { fmt.Printf("ok (%s)\n", time.Since(start).Round(time.Millisecond)) }
+	return func() error {
+		fmt.Printf("ok (%s)\n", time.Since(start).Round(time.Millisecond))
+		return ctx.Err()
+	}
 }
 
 // sample is a demo service: a tiny HTTP server on its own loopback address, known only to Consul.
@@ -81,20 +85,24 @@ func run(ctx context.Context, env *testenv.Env, callsPerService int) error {
 		return fmt.Errorf("%w (run 'make deps')", err)
 	}
 
-	done := step("building meshturbo daemons")
+	done := step(ctx, "building meshturbo daemons")
 	binDir := filepath.Join(env.Dir(), "bin")
 	build := exec.CommandContext(ctx, "go", "build", "-o", binDir+"/", "./cmd/meshturbo-xds", "./cmd/meshturbo-upgrade")
 	if out, err := build.CombinedOutput(); err != nil {
 		return fmt.Errorf("build: %w\n%s", err, out)
 	}
-	done()
+	if err := done(); err != nil {
+		return err
+	}
 
-	done = step("starting Consul")
+	done = step(ctx, "starting Consul")
 	consul, err := testenv.StartConsulIn(env, deps)
 	if err != nil {
 		return err
 	}
-	done()
+	if err := done(); err != nil {
+		return err
+	}
 
 	samples := []*sample{
 		{name: "catalog", ip: "127.0.0.2", greeting: "catalog: 3 books in stock"},
@@ -106,7 +114,7 @@ func run(ctx context.Context, env *testenv.Env, callsPerService int) error {
 	if err != nil {
 		return err
 	}
-	done = step("registering %d sample HTTP services in Consul", len(samples))
+	done = step(ctx, "registering %d sample HTTP services in Consul", len(samples))
 	for _, s := range samples {
 		if err := s.start(); err != nil {
 			return err
@@ -118,33 +126,44 @@ func run(ctx context.Context, env *testenv.Env, callsPerService int) error {
 			return fmt.Errorf("register %s in consul: %w", s.name, err)
 		}
 	}
-	done()
+	if err := done(); err != nil {
+		return err
+	}
 
-	done = step("starting meshturbo-xds (Consul → ServiceEntry over MCP)")
-	mcp, admin := freeAddr(), freeAddr()
+	done = step(ctx, "starting meshturbo-xds (Consul → ServiceEntry over MCP)")
+	addrs, err := freeAddrs(4)
+	if err != nil {
+		return err
+	}
+	mcp, admin, envoyAdmin, upAdmin := addrs[0], addrs[1], addrs[2], addrs[3]
 	if _, err := testenv.StartIn(env, "meshturbo-xds", exec.Command(filepath.Join(binDir, "meshturbo-xds"),
 		"-listen", mcp, "-admin", admin, "-consul", consul.HTTPAddr),
 		testenv.HTTPProbe("http://"+admin+"/readyz", nil), 30*time.Second); err != nil {
 		return err
 	}
-	done()
+	if err := done(); err != nil {
+		return err
+	}
 
-	done = step("starting istiod (config source xds://%s)", mcp)
+	done = step(ctx, "starting istiod (config source xds://%s)", mcp)
 	istiod, err := testenv.StartIstiodIn(env, deps, mcp)
 	if err != nil {
 		return err
 	}
-	done()
+	if err := done(); err != nil {
+		return err
+	}
 
-	done = step("starting the Envoy sidecar through meshturbo-upgrade")
-	envoyAdmin, upAdmin := freeAddr(), freeAddr()
+	done = step(ctx, "starting the Envoy sidecar through meshturbo-upgrade")
 	if _, err := testenv.StartIn(env, "meshturbo-upgrade", exec.Command(filepath.Join(binDir, "meshturbo-upgrade"),
 		"-envoy", deps.Envoy, "-istiod", istiod.XDSAddr, "-envoy-admin", envoyAdmin, "-admin", upAdmin,
 		"-pod", "demo-client", "-namespace", "default", "-labels", "app=demo-client", "-interception", "none"),
 		testenv.HTTPProbe("http://"+upAdmin+"/healthz", nil), time.Minute); err != nil {
 		return err
 	}
-	done()
+	if err := done(); err != nil {
+		return err
+	}
 
 	fmt.Println()
 	var rows []row
@@ -263,11 +282,16 @@ func countFor(rows []row, service string) int {
 	return n
 }
 
-func freeAddr() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(errors.New("no free port on 127.0.0.1"))
+// freeAddrs returns n loopback addresses with free ports.
+func freeAddrs(n int) ([]string, error) {
+	out := make([]string, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("no free port on 127.0.0.1: %w", err)
+		}
+		defer l.Close() // held until all are picked, so none repeats
+		out = append(out, l.Addr().String())
 	}
-	defer l.Close()
-	return l.Addr().String()
+	return out, nil
 }
