@@ -32,6 +32,21 @@ type Watcher interface {
 	Run(ctx context.Context, publish func([]model.Service)) error
 }
 
+// Health is a watcher's view of its registry connection.
+type Health struct {
+	// Connected is false while the registry does not answer; what was published last
+	// stays in force meanwhile.
+	Connected   bool
+	LastContact time.Time
+	LastError   string
+}
+
+// HealthReporter is implemented by watchers that can tell whether their registry answers.
+// The bridge reports a source whose watcher says it is not connected as stale.
+type HealthReporter interface {
+	Health() Health
+}
+
 // Config configures a Bridge.
 type Config struct {
 	// Watchers in priority order (see the package doc for the conflict rule).
@@ -77,7 +92,10 @@ type SourceStatus struct {
 	Services  int             `json:"services"`
 	Endpoints int             `json:"endpoints"`
 	Skipped   []model.Skipped `json:"skipped,omitempty"`
-	LastError string          `json:"last_error,omitempty"`
+	// Stale is true while the registry does not answer: the last snapshot is being served.
+	Stale       bool      `json:"stale"`
+	LastContact time.Time `json:"last_contact,omitzero"`
+	LastError   string    `json:"last_error,omitempty"`
 }
 
 // Bridge runs the watchers and merges their snapshots.
@@ -252,7 +270,16 @@ func (b *Bridge) Status() []SourceStatus {
 	defer b.mu.Unlock()
 	out := make([]SourceStatus, 0, len(b.cfg.Watchers))
 	for _, w := range b.cfg.Watchers {
-		out = append(out, *b.status[w.Source()])
+		st := *b.status[w.Source()]
+		if hr, ok := w.(HealthReporter); ok {
+			h := hr.Health()
+			st.Stale = !h.Connected
+			st.LastContact = h.LastContact
+			if h.LastError != "" {
+				st.LastError = h.LastError
+			}
+		}
+		out = append(out, st)
 	}
 	return out
 }

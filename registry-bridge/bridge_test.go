@@ -184,3 +184,31 @@ func TestConfigErrors(t *testing.T) {
 		t.Error("a source configured twice accepted")
 	}
 }
+
+type healthyFake struct {
+	*fakeWatcher
+	mu sync.Mutex
+	h  Health
+}
+
+func (f *healthyFake) Health() Health { f.mu.Lock(); defer f.mu.Unlock(); return f.h }
+
+func TestStaleSourceIsReportedAndKeepsItsServices(t *testing.T) {
+	w := &healthyFake{fakeWatcher: newFake(model.SourceConsul), h: Health{Connected: true}}
+	b, cats := startBridge(t, nil, w)
+	w.snap <- []model.Service{svc(model.SourceConsul, "a.service.consul", "10.0.0.1")}
+	cats.next(t, func(c *model.Catalog) bool { return len(c.Services) == 1 })
+	if st := b.Status()[0]; st.Stale {
+		t.Fatalf("connected source reported stale: %+v", st)
+	}
+	w.mu.Lock()
+	w.h = Health{Connected: false, LastError: "connection refused"}
+	w.mu.Unlock()
+	st := b.Status()[0]
+	if !st.Stale || st.LastError != "connection refused" || st.Services != 1 {
+		t.Fatalf("status = %+v, want stale with the error and its 1 service kept", st)
+	}
+	if c := b.Catalog(); c == nil || c.Lookup("a.service.consul") == nil {
+		t.Fatal("stale source's service left the catalog")
+	}
+}

@@ -22,6 +22,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/meshturbo/meshturbo/model"
+	bridge "github.com/meshturbo/meshturbo/registry-bridge"
 )
 
 // Config configures a Watcher.
@@ -67,6 +68,29 @@ func (c *Config) validate() error {
 type Watcher struct {
 	cfg    Config
 	client *api.Client
+
+	mu     sync.Mutex
+	health bridge.Health
+}
+
+var _ bridge.HealthReporter = (*Watcher)(nil)
+
+// Health reports whether Consul answered the last query.
+func (w *Watcher) Health() bridge.Health {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.health
+}
+
+// contact records the outcome of a query.
+func (w *Watcher) contact(err error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err != nil {
+		w.health.Connected, w.health.LastError = false, err.Error()
+		return
+	}
+	w.health.Connected, w.health.LastContact, w.health.LastError = true, time.Now(), ""
 }
 
 // New validates cfg and creates the API client; it does not contact Consul.
@@ -162,10 +186,11 @@ func (w *Watcher) watchCatalog(ctx context.Context, st *state, wg *sync.WaitGrou
 	for ctx.Err() == nil {
 		q := (&api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.WaitTime, AllowStale: true}).WithContext(ctx)
 		names, meta, err := w.client.Catalog().Services(q)
+		if ctx.Err() != nil {
+			return
+		}
+		w.contact(err)
 		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
 			w.cfg.Logger.Warn("consul catalog query failed; keeping the last snapshot", "address", w.cfg.Address, "error", err,
 				"retry_in", bo.peek(), "fix", "check that the Consul HTTP API answers at this address (GET /v1/status/leader)")
 			bo.wait(ctx)
@@ -212,10 +237,11 @@ func (w *Watcher) watchHealth(ctx context.Context, st *state, name string) {
 	for ctx.Err() == nil {
 		q := (&api.QueryOptions{WaitIndex: index, WaitTime: w.cfg.WaitTime, AllowStale: true}).WithContext(ctx)
 		entries, meta, err := w.client.Health().Service(name, "", true, q)
+		if ctx.Err() != nil {
+			return
+		}
+		w.contact(err)
 		if err != nil {
-			if ctx.Err() != nil {
-				return
-			}
 			w.cfg.Logger.Warn("consul health query failed; keeping the last snapshot", "service", name, "error", err, "retry_in", bo.peek())
 			bo.wait(ctx)
 			continue

@@ -86,6 +86,11 @@ func find(svcs []model.Service, host string) *model.Service {
 }
 
 func runWatcher(t *testing.T, addr string, log *slog.Logger) *snapshots {
+	_, s := startWatcher(t, addr, log)
+	return s
+}
+
+func startWatcher(t *testing.T, addr string, log *slog.Logger) (*Watcher, *snapshots) {
 	t.Helper()
 	w, err := New(Config{Address: addr, Logger: log, WaitTime: 2 * time.Second, Debounce: 10 * time.Millisecond})
 	if err != nil {
@@ -101,7 +106,7 @@ func runWatcher(t *testing.T, addr string, log *slog.Logger) *snapshots {
 			t.Error(err)
 		}
 	})
-	return snaps
+	return w, snaps
 }
 
 func agentClient(t *testing.T, addr string) *api.Client {
@@ -210,15 +215,21 @@ func TestDeadConsulKeepsLastSnapshotAndSaysWhere(t *testing.T) {
 		t.Fatal(err)
 	}
 	logs := &syncBuffer{}
-	snaps := runWatcher(t, consul.HTTPAddr, slog.New(slog.NewTextHandler(logs, nil)))
+	w, snaps := startWatcher(t, consul.HTTPAddr, slog.New(slog.NewTextHandler(logs, nil)))
 	snaps.await(t, "db", func(s []model.Service) bool { return find(s, "db.service.consul") != nil })
 	before := snaps.count()
+	if h := w.Health(); !h.Connected || h.LastContact.IsZero() {
+		t.Fatalf("health while Consul answers = %+v", h)
+	}
 
 	if err := consul.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	awaitLog(t, logs, fmt.Sprintf("address=%s", consul.HTTPAddr))
 	awaitLog(t, logs, "keeping the last snapshot")
+	if h := w.Health(); h.Connected || h.LastError == "" {
+		t.Errorf("health while Consul is down = %+v, want disconnected with the error", h)
+	}
 	if n := snaps.count(); n != before {
 		t.Fatalf("published %d snapshots while Consul was down; the last good one must stay", n-before)
 	}
