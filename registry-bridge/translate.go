@@ -1,6 +1,8 @@
 package bridge
 
 import (
+	"fmt"
+	"net/netip"
 	"regexp"
 	"strings"
 
@@ -19,26 +21,59 @@ type TranslateOptions struct {
 	// Namespace is where the ServiceEntries live in Istio (default "meshturbo-system").
 	// They are exported to every namespace.
 	Namespace string
+	// VIPRange is where services with a non-HTTP port get their address
+	// (default DefaultVIPRange).
+	VIPRange netip.Prefix
 }
 
 // Translate turns every service of the catalog into one ServiceEntry with STATIC resolution.
-// Equal catalogs translate to equal resources.
-func Translate(cat *model.Catalog, opts TranslateOptions) []xds.Resource {
+// Equal catalogs translate to equal resources. It fails only when the VIP range is too small
+// for the TCP services; the caller keeps serving what it had.
+func Translate(cat *model.Catalog, opts TranslateOptions) ([]xds.Resource, error) {
 	ns := opts.Namespace
 	if ns == "" {
 		ns = "meshturbo-system"
 	}
+	vipRange := opts.VIPRange
+	if !vipRange.IsValid() {
+		vipRange = DefaultVIPRange
+	}
+	var tcpHosts []string
+	for i := range cat.Services {
+		if needsVIP(&cat.Services[i]) {
+			tcpHosts = append(tcpHosts, cat.Services[i].Hostname)
+		}
+	}
+	vips, err := AssignVIPs(tcpHosts, vipRange)
+	if err != nil {
+		return nil, fmt.Errorf("translate: %w", err)
+	}
 	out := make([]xds.Resource, 0, len(cat.Services))
 	for i := range cat.Services {
 		svc := &cat.Services[i]
+		se := ServiceEntry(svc)
+		if vip, ok := vips[svc.Hostname]; ok {
+			se.Addresses = []string{vip}
+		}
 		out = append(out, xds.Resource{
 			Namespace: ns,
 			Name:      svc.Hostname,
 			Labels:    map[string]string{"app.kubernetes.io/managed-by": "meshturbo", "meshturbo.io/source": string(svc.Source)},
-			Spec:      ServiceEntry(svc),
+			Spec:      se,
 		})
 	}
-	return out
+	return out, nil
+}
+
+// needsVIP reports whether Envoy must tell the service apart by address: any port whose
+// protocol is not routed by host name.
+func needsVIP(svc *model.Service) bool {
+	for _, p := range svc.Ports {
+		if !p.Protocol.IsHTTP() {
+			return true
+		}
+	}
+	return false
 }
 
 // ServiceEntry translates one service.

@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"net/netip"
 	"testing"
 
 	networking "istio.io/api/networking/v1alpha3"
@@ -44,11 +45,36 @@ func TestServiceEntryTranslation(t *testing.T) {
 func TestTranslateNamesResources(t *testing.T) {
 	cat := model.NewCatalog([]model.Service{{Hostname: "a.service.consul", Source: model.SourceConsul,
 		Ports: []model.Port{{Name: "tcp", Number: 5432, Protocol: model.ProtocolTCP}}}})
-	res := Translate(cat, TranslateOptions{})
+	res, err := Translate(cat, TranslateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if len(res) != 1 || res[0].Namespace != "meshturbo-system" || res[0].Name != "a.service.consul" {
 		t.Fatalf("resources = %+v", res)
 	}
 	if res[0].Labels["meshturbo.io/source"] != "consul" {
 		t.Errorf("labels = %v", res[0].Labels)
+	}
+	se := res[0].Spec.(*networking.ServiceEntry)
+	if len(se.Addresses) != 1 || !DefaultVIPRange.Contains(netip.MustParseAddr(se.Addresses[0])) {
+		t.Errorf("TCP service addresses = %v, want one VIP from %s", se.Addresses, DefaultVIPRange)
+	}
+}
+
+func TestHTTPServicesNeedNoVIP(t *testing.T) {
+	cat := model.NewCatalog([]model.Service{{Hostname: "web.service.consul", Source: model.SourceConsul,
+		Ports: []model.Port{{Name: "http", Number: 80, Protocol: model.ProtocolHTTP}}}})
+	res, err := Translate(cat, TranslateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := res[0].Spec.(*networking.ServiceEntry).Addresses; len(a) != 0 {
+		t.Errorf("HTTP service got addresses %v", a)
+	}
+	if _, err := Translate(model.NewCatalog([]model.Service{
+		{Hostname: "a.x", Ports: []model.Port{{Name: "tcp", Number: 1, Protocol: model.ProtocolTCP}}},
+		{Hostname: "b.x", Ports: []model.Port{{Name: "tcp", Number: 1, Protocol: model.ProtocolTCP}}},
+	}), TranslateOptions{VIPRange: netip.MustParsePrefix("10.0.0.7/32")}); err == nil {
+		t.Error("two TCP services fitted in a /32")
 	}
 }

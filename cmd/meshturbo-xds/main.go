@@ -75,7 +75,12 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		Watchers: watchers,
 		Logger:   log.With("component", "bridge"),
 		OnCatalog: func(cat *model.Catalog) {
-			changed, err := store.Set(xds.TypeServiceEntry, bridge.Translate(cat, bridge.TranslateOptions{Namespace: a.namespace}))
+			res, err := bridge.Translate(cat, bridge.TranslateOptions{Namespace: a.namespace})
+			if err != nil {
+				log.Error("catalog not served; the previous one stays in force", "error", err)
+				return
+			}
+			changed, err := store.Set(xds.TypeServiceEntry, res)
 			if err != nil {
 				log.Error("catalog not served; the previous one stays in force", "error", err)
 				return
