@@ -139,6 +139,21 @@ func TestMalformedServiceIsSkippedAndTheRestServed(t *testing.T) {
 	if !strings.Contains(string(body), "bad-1") || !strings.Contains(string(body), "is not an IP address") {
 		t.Errorf("admin status does not report the skipped instance with its reason: %s", body)
 	}
+	resp, err = http.Get("http://" + mt.AdminAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`meshturbo_bridge_skipped_entries{reason="bad_address",source="consul"} 1`,
+		`meshturbo_bridge_stale{source="consul"} 0`,
+		`meshturbo_xds_clients 1`,
+	} {
+		if !strings.Contains(string(metrics), want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
 	if !strings.Contains(mt.Tail(200), "is not an IP address") {
 		t.Errorf("meshturbo-xds log does not give the reason for skipping bad-1")
 	}

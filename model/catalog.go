@@ -22,7 +22,7 @@ func NewCatalog(svcs []Service) *Catalog {
 	seen := make(map[string]Source, len(svcs))
 	for _, s := range svcs {
 		if winner, dup := seen[s.Hostname]; dup {
-			c.Skipped = append(c.Skipped, Skipped{Source: s.Source, Hostname: s.Hostname,
+			c.Skipped = append(c.Skipped, Skipped{Source: s.Source, Hostname: s.Hostname, Code: SkipConflict,
 				Reason: "host name also claimed by " + string(winner) + ", which has priority"})
 			continue
 		}

@@ -82,6 +82,9 @@ func TestSanitize(t *testing.T) {
 				t.Fatalf("skipped = %v, want reasons %q", skipped, tc.wantReasons)
 			}
 			for i, r := range tc.wantReasons {
+				if skipped[i].Code == "" {
+					t.Errorf("skip %q has no code", skipped[i].Reason)
+				}
 				if !strings.Contains(skipped[i].Reason, r) {
 					t.Errorf("reason %q does not contain %q", skipped[i].Reason, r)
 				}

@@ -7,13 +7,27 @@ import (
 	"strings"
 )
 
+// SkipCode is a bounded classification of why an entry was skipped, for metrics.
+type SkipCode string
+
+// Why entries are skipped.
+const (
+	SkipBadHostname SkipCode = "bad_hostname"
+	SkipBadAddress  SkipCode = "bad_address"
+	SkipBadPort     SkipCode = "bad_port"
+	SkipBadLabel    SkipCode = "bad_label"
+	SkipConflict    SkipCode = "conflict"
+	SkipMalformed   SkipCode = "malformed" // the registry entry could not be parsed at all
+)
+
 // Skipped records an entry a watcher or the catalog left out, and why.
 type Skipped struct {
-	Source   Source
-	Hostname string
+	Source   Source   `json:"source"`
+	Hostname string   `json:"hostname"`
+	Code     SkipCode `json:"code"`
 	// ID is the endpoint ID, empty when the whole service was skipped.
-	ID     string
-	Reason string
+	ID     string `json:"id,omitempty"`
+	Reason string `json:"reason"`
 }
 
 func (s Skipped) String() string {
@@ -39,14 +53,14 @@ func Sanitize(svcs []Service) ([]Service, []Skipped) {
 	out := make([]Service, 0, len(svcs))
 	var skipped []Skipped
 	for _, svc := range svcs {
-		if reason := validateService(&svc); reason != "" {
-			skipped = append(skipped, Skipped{Source: svc.Source, Hostname: svc.Hostname, Reason: reason})
+		if code, reason := validateService(&svc); reason != "" {
+			skipped = append(skipped, Skipped{Source: svc.Source, Hostname: svc.Hostname, Code: code, Reason: reason})
 			continue
 		}
 		eps := svc.Endpoints[:0:0]
 		for _, ep := range svc.Endpoints {
-			if reason := validateEndpoint(&svc, &ep); reason != "" {
-				skipped = append(skipped, Skipped{Source: svc.Source, Hostname: svc.Hostname, ID: ep.ID, Reason: reason})
+			if code, reason := validateEndpoint(&svc, &ep); reason != "" {
+				skipped = append(skipped, Skipped{Source: svc.Source, Hostname: svc.Hostname, ID: ep.ID, Code: code, Reason: reason})
 				continue
 			}
 			eps = append(eps, ep)
@@ -57,48 +71,48 @@ func Sanitize(svcs []Service) ([]Service, []Skipped) {
 	return out, skipped
 }
 
-func validateService(svc *Service) string {
+func validateService(svc *Service) (SkipCode, string) {
 	if !ValidHostname(svc.Hostname) {
-		return fmt.Sprintf("host name %q is not a DNS-1123 name (lowercase letters, digits, '-' and '.')", svc.Hostname)
+		return SkipBadHostname, fmt.Sprintf("host name %q is not a DNS-1123 name (lowercase letters, digits, '-' and '.')", svc.Hostname)
 	}
 	if len(svc.Ports) == 0 {
-		return "no port"
+		return SkipBadPort, "no port"
 	}
 	names := make(map[string]bool, len(svc.Ports))
 	for _, p := range svc.Ports {
 		if p.Number == 0 || p.Number > 65535 {
-			return fmt.Sprintf("port %q number %d is outside 1-65535", p.Name, p.Number)
+			return SkipBadPort, fmt.Sprintf("port %q number %d is outside 1-65535", p.Name, p.Number)
 		}
 		if p.Name == "" || names[p.Name] {
-			return fmt.Sprintf("port name %q is empty or repeated", p.Name)
+			return SkipBadPort, fmt.Sprintf("port name %q is empty or repeated", p.Name)
 		}
 		names[p.Name] = true
 	}
-	return ""
+	return "", ""
 }
 
-func validateEndpoint(svc *Service, ep *Endpoint) string {
+func validateEndpoint(svc *Service, ep *Endpoint) (SkipCode, string) {
 	addr, err := netip.ParseAddr(ep.Address)
 	if err != nil {
-		return fmt.Sprintf("address %q is not an IP address", ep.Address)
+		return SkipBadAddress, fmt.Sprintf("address %q is not an IP address", ep.Address)
 	}
 	if addr.IsUnspecified() || addr.IsMulticast() {
-		return fmt.Sprintf("address %q cannot be dialled", ep.Address)
+		return SkipBadAddress, fmt.Sprintf("address %q cannot be dialled", ep.Address)
 	}
 	for name, n := range ep.Ports {
 		if n == 0 || n > 65535 {
-			return fmt.Sprintf("port %q number %d is outside 1-65535", name, n)
+			return SkipBadPort, fmt.Sprintf("port %q number %d is outside 1-65535", name, n)
 		}
 		if !svc.hasPort(name) {
-			return fmt.Sprintf("port %q is not a port of the service", name)
+			return SkipBadPort, fmt.Sprintf("port %q is not a port of the service", name)
 		}
 	}
 	for k := range ep.Labels {
 		if strings.TrimSpace(k) == "" {
-			return "empty label key"
+			return SkipBadLabel, "empty label key"
 		}
 	}
-	return ""
+	return "", ""
 }
 
 func (s *Service) hasPort(name string) bool {

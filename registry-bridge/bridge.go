@@ -92,6 +92,8 @@ type SourceStatus struct {
 	Services  int             `json:"services"`
 	Endpoints int             `json:"endpoints"`
 	Skipped   []model.Skipped `json:"skipped,omitempty"`
+	// SyncLatency is the time from the source's last change to the catalog holding it.
+	SyncLatency time.Duration `json:"sync_latency_ns"`
 	// Stale is true while the registry does not answer: the last snapshot is being served.
 	Stale       bool      `json:"stale"`
 	LastContact time.Time `json:"last_contact,omitzero"`
@@ -108,6 +110,7 @@ type Bridge struct {
 	mu        sync.Mutex
 	snapshots map[model.Source][]model.Service
 	retained  map[model.Source]map[string]retainedService
+	pending   map[model.Source]time.Time // changes published but not yet in a catalog
 	status    map[model.Source]*SourceStatus
 	catalog   *model.Catalog
 }
@@ -124,6 +127,7 @@ func New(cfg Config) (*Bridge, error) {
 		kick:      make(chan struct{}, 1),
 		snapshots: map[model.Source][]model.Service{},
 		retained:  map[model.Source]map[string]retainedService{},
+		pending:   map[model.Source]time.Time{},
 		status:    map[model.Source]*SourceStatus{},
 	}
 	for _, w := range cfg.Watchers {
@@ -158,6 +162,9 @@ func (b *Bridge) runWatcher(ctx context.Context, w Watcher) {
 		b.mu.Lock()
 		b.retain(src, clean)
 		b.snapshots[src] = clean
+		if _, ok := b.pending[src]; !ok {
+			b.pending[src] = time.Now()
+		}
 		st := b.status[src]
 		st.Synced, st.LastSync, st.Services, st.Endpoints, st.Skipped = true, time.Now(), len(clean), eps, skipped
 		b.mu.Unlock()
@@ -249,6 +256,8 @@ func (b *Bridge) merge(ctx context.Context) {
 		}
 		b.mu.Lock()
 		all, next := b.services()
+		included := b.pending // the changes this catalog holds
+		b.pending = map[model.Source]time.Time{}
 		b.mu.Unlock()
 		if !next.IsZero() {
 			expiry.Reset(next.Sub(b.cfg.Now()))
@@ -261,6 +270,11 @@ func (b *Bridge) merge(ctx context.Context) {
 		b.catalog = cat
 		b.mu.Unlock()
 		b.cfg.OnCatalog(cat)
+		b.mu.Lock()
+		for src, since := range included {
+			b.status[src].SyncLatency = time.Since(since)
+		}
+		b.mu.Unlock()
 	}
 }
 

@@ -13,6 +13,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/meshturbo/meshturbo/internal/admin"
 	"github.com/meshturbo/meshturbo/model"
 	bridge "github.com/meshturbo/meshturbo/registry-bridge"
@@ -118,6 +122,9 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		return []model.Service{}
 	})
 	adm.HandleJSON("/v1/xds/clients", func() any { return srv.Clients() })
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(newCollector(br, srv), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	adm.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	adm.Serve()
 	defer func() { err = errors.Join(err, adm.Close()) }()
 
