@@ -212,3 +212,28 @@ func TestStaleSourceIsReportedAndKeepsItsServices(t *testing.T) {
 		t.Fatal("stale source's service left the catalog")
 	}
 }
+
+func TestSourceOptionsFilterAndPlace(t *testing.T) {
+	inner := newFake(model.SourceConsul)
+	w, err := WithOptions(inner, SourceOptions{Include: []string{"*.service.consul"}, Exclude: []string{"secret*"}, IstioNamespace: "legacy"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, cats := startBridge(t, nil, w)
+	inner.snap <- []model.Service{
+		svc(model.SourceConsul, "orders.service.consul", "10.0.0.1"),
+		svc(model.SourceConsul, "secret.service.consul", "10.0.0.2"),
+		svc(model.SourceConsul, "other.example", "10.0.0.3"),
+	}
+	cat := cats.next(t, func(c *model.Catalog) bool { return len(c.Services) > 0 })
+	if len(cat.Services) != 1 || cat.Services[0].Hostname != "orders.service.consul" || cat.Services[0].Namespace != "legacy" {
+		t.Fatalf("catalog = %+v, want only orders, in namespace legacy", cat.Services)
+	}
+	res, err := Translate(cat, TranslateOptions{})
+	if err != nil || res[0].Namespace != "legacy" {
+		t.Fatalf("translated into %q (%v), want legacy", res[0].Namespace, err)
+	}
+	if _, err := WithOptions(inner, SourceOptions{Include: []string{"[bad"}}); err == nil {
+		t.Error("a malformed pattern was accepted")
+	}
+}

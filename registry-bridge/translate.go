@@ -55,8 +55,12 @@ func Translate(cat *model.Catalog, opts TranslateOptions) ([]xds.Resource, error
 		if vip, ok := vips[svc.Hostname]; ok {
 			se.Addresses = []string{vip}
 		}
+		resNS := ns
+		if svc.Namespace != "" {
+			resNS = svc.Namespace
+		}
 		out = append(out, xds.Resource{
-			Namespace: ns,
+			Namespace: resNS,
 			Name:      svc.Hostname,
 			Labels:    map[string]string{"app.kubernetes.io/managed-by": "meshturbo", "meshturbo.io/source": string(svc.Source)},
 			Spec:      se,

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"syscall"
@@ -20,11 +21,11 @@ import (
 	"github.com/meshturbo/meshturbo/internal/admin"
 	"github.com/meshturbo/meshturbo/model"
 	bridge "github.com/meshturbo/meshturbo/registry-bridge"
-	"github.com/meshturbo/meshturbo/registry-bridge/consul"
 	"github.com/meshturbo/meshturbo/xds"
 )
 
 type args struct {
+	config    string
 	listen    string
 	adminAddr string
 	consul    string
@@ -34,6 +35,7 @@ type args struct {
 
 func main() {
 	var a args
+	flag.StringVar(&a.config, "config", "", "config file (YAML); without it the flags below describe a single Consul source")
 	flag.StringVar(&a.listen, "listen", "127.0.0.1:15050", "xDS (MCP) listen address istiod connects to")
 	flag.StringVar(&a.adminAddr, "admin", "127.0.0.1:15051", "admin API address (loopback)")
 	flag.StringVar(&a.consul, "consul", "", "Consul HTTP address to bridge, e.g. 127.0.0.1:8500")
@@ -55,31 +57,56 @@ func main() {
 	}
 }
 
+// config returns the configuration: the file when -config is given, else one built from flags.
+func (a args) loadConfig() (*Config, error) {
+	if a.config != "" {
+		return LoadConfig(a.config)
+	}
+	if a.consul == "" {
+		return nil, errors.New("no registry configured: pass -config <file> or -consul <host:port>")
+	}
+	c := &Config{Listen: a.listen, Admin: AdminConfig{Listen: a.adminAddr}, Istio: IstioConfig{Namespace: a.namespace},
+		Sources: []SourceConfig{{Consul: &ConsulConfig{Address: a.consul}}}}
+	c.defaults()
+	if err := c.validate(); err != nil {
+		return nil, fmt.Errorf("flags: %w", err)
+	}
+	return c, nil
+}
+
 func run(ctx context.Context, a args, log *slog.Logger) (err error) {
-	var watchers []bridge.Watcher
-	if a.consul != "" {
-		w, err := consul.New(consul.Config{Address: a.consul, Logger: log.With("source", "consul")})
-		if err != nil {
-			return err
-		}
-		watchers = append(watchers, w)
+	cfg, err := a.loadConfig()
+	if err != nil {
+		return err
 	}
-	if len(watchers) == 0 {
-		return errors.New("no registry configured: pass -consul <host:port>")
+	watchers, err := cfg.watchers(log)
+	if err != nil {
+		return err
 	}
+	token, err := readSecret(cfg.Admin.TokenFile)
+	if err != nil {
+		return fmt.Errorf("admin.tokenFile: %w", err)
+	}
+	var vipRange netip.Prefix
+	if cfg.Istio.VIPRange != "" {
+		vipRange = netip.MustParsePrefix(cfg.Istio.VIPRange) // validated
+	}
+	topts := bridge.TranslateOptions{Namespace: cfg.Istio.Namespace, VIPRange: vipRange}
 
 	store := xds.NewStore()
-	srv, err := xds.New(xds.Config{Addr: a.listen, Store: store, Logger: log.With("component", "xds")})
+	srv, err := xds.New(xds.Config{Addr: cfg.Listen, Store: store, Logger: log.With("component", "xds")})
 	if err != nil {
 		return err
 	}
 	defer func() { err = errors.Join(err, srv.Close()) }()
 
 	br, err := bridge.New(bridge.Config{
-		Watchers: watchers,
-		Logger:   log.With("component", "bridge"),
+		Watchers:  watchers,
+		Retention: cfg.Retention.Duration,
+		Debounce:  cfg.Debounce.Duration,
+		Logger:    log.With("component", "bridge"),
 		OnCatalog: func(cat *model.Catalog) {
-			res, err := bridge.Translate(cat, bridge.TranslateOptions{Namespace: a.namespace})
+			res, err := bridge.Translate(cat, topts)
 			if err != nil {
 				log.Error("catalog not served; the previous one stays in force", "error", err)
 				return
@@ -100,7 +127,8 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	defer func() { err = errors.Join(err, br.Close()) }()
 
 	adm, err := admin.New(admin.Config{
-		Addr:   a.adminAddr,
+		Addr:   cfg.Admin.Listen,
+		Token:  token,
 		Logger: log,
 		Ready: func() error {
 			for _, s := range br.Status() {

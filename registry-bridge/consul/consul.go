@@ -30,7 +30,12 @@ type Config struct {
 	// Address of the Consul HTTP API, e.g. "127.0.0.1:8500".
 	Address    string
 	Datacenter string
-	Token      string
+	// Namespace and Partition are Consul Enterprise's; empty means the default.
+	Namespace string
+	Partition string
+	Token     string
+	// TLS, when set, makes the client speak HTTPS to Consul.
+	TLS *TLS
 	// Domain is appended to service names to form host names (default "service.consul").
 	Domain string
 	// MeshedMetaKey names the instance meta key that marks a meshed instance (default "mesh").
@@ -62,6 +67,13 @@ func (c *Config) validate() error {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	return nil
+}
+
+// TLS configures HTTPS to Consul.
+type TLS struct {
+	CAFile, CertFile, KeyFile string
+	ServerName                string
+	InsecureSkipVerify        bool
 }
 
 // Watcher publishes Consul's services. Create it with New, run it with Run.
@@ -102,6 +114,15 @@ func New(cfg Config) (*Watcher, error) {
 	acfg.Address = cfg.Address
 	acfg.Datacenter = cfg.Datacenter
 	acfg.Token = cfg.Token
+	acfg.Namespace = cfg.Namespace
+	acfg.Partition = cfg.Partition
+	if cfg.TLS != nil {
+		acfg.Scheme = "https"
+		acfg.TLSConfig = api.TLSConfig{
+			Address: cfg.TLS.ServerName, CAFile: cfg.TLS.CAFile, CertFile: cfg.TLS.CertFile,
+			KeyFile: cfg.TLS.KeyFile, InsecureSkipVerify: cfg.TLS.InsecureSkipVerify,
+		}
+	}
 	client, err := api.NewClient(acfg)
 	if err != nil {
 		return nil, fmt.Errorf("consul: client for %s: %w", cfg.Address, err)

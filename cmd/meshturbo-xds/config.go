@@ -1,0 +1,218 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	bridge "github.com/meshturbo/meshturbo/registry-bridge"
+	"github.com/meshturbo/meshturbo/registry-bridge/consul"
+)
+
+// Config is meshturbo-xds's configuration file. Example:
+//
+//	listen: 127.0.0.1:15050          # MCP-over-xDS for istiod
+//	admin: {listen: 127.0.0.1:15051, tokenFile: ""}
+//	istio: {namespace: meshturbo-system, vipRange: 240.250.0.0/16}
+//	retention: 10m                    # how long a vanished service is kept with no endpoints
+//	sources:                          # in priority order: the first wins a host name conflict
+//	- consul:
+//	    address: 127.0.0.1:8500
+//	    tokenFile: /etc/meshturbo/consul-token
+//	  include: ["*.service.consul"]
+//	  istioNamespace: legacy
+type Config struct {
+	Listen    string         `yaml:"listen"`
+	Admin     AdminConfig    `yaml:"admin"`
+	Istio     IstioConfig    `yaml:"istio"`
+	Retention Duration       `yaml:"retention"`
+	Debounce  Duration       `yaml:"debounce"`
+	Sources   []SourceConfig `yaml:"sources"`
+}
+
+// AdminConfig configures the admin API.
+type AdminConfig struct {
+	Listen    string `yaml:"listen"`
+	TokenFile string `yaml:"tokenFile"`
+}
+
+// IstioConfig shapes the generated Istio resources.
+type IstioConfig struct {
+	Namespace string `yaml:"namespace"`
+	VIPRange  string `yaml:"vipRange"`
+}
+
+// SourceConfig is one registry. Exactly one registry block is set.
+type SourceConfig struct {
+	Consul         *ConsulConfig `yaml:"consul"`
+	Include        []string      `yaml:"include"`
+	Exclude        []string      `yaml:"exclude"`
+	IstioNamespace string        `yaml:"istioNamespace"`
+}
+
+// ConsulConfig is a Consul source.
+type ConsulConfig struct {
+	Address       string     `yaml:"address"`
+	Datacenter    string     `yaml:"datacenter"`
+	Namespace     string     `yaml:"namespace"`
+	Partition     string     `yaml:"partition"`
+	TokenFile     string     `yaml:"tokenFile"`
+	Domain        string     `yaml:"domain"`
+	MeshedMetaKey string     `yaml:"meshedMetaKey"`
+	TLS           *TLSConfig `yaml:"tls"`
+}
+
+// TLSConfig is client TLS to a registry.
+type TLSConfig struct {
+	CAFile             string `yaml:"caFile"`
+	CertFile           string `yaml:"certFile"`
+	KeyFile            string `yaml:"keyFile"`
+	ServerName         string `yaml:"serverName"`
+	InsecureSkipVerify bool   `yaml:"insecureSkipVerify"`
+}
+
+// Duration reads "10m", "250ms" and the like.
+type Duration struct{ time.Duration }
+
+// UnmarshalYAML parses a Go duration string.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration like 10m or 250ms", n.Line, n.Value)
+	}
+	d.Duration = v
+	return nil
+}
+
+// LoadConfig reads and validates a config file. Unknown fields are errors, so a typo never
+// silently falls back to a default.
+func LoadConfig(path string) (*Config, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return ParseConfig(raw, path)
+}
+
+// ParseConfig decodes and validates config bytes; name is used in error messages.
+func ParseConfig(raw []byte, name string) (*Config, error) {
+	var c Config
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("config %s: %w", name, err)
+	}
+	c.defaults()
+	if err := c.validate(); err != nil {
+		return nil, fmt.Errorf("config %s: %w", name, err)
+	}
+	return &c, nil
+}
+
+func (c *Config) defaults() {
+	if c.Listen == "" {
+		c.Listen = "127.0.0.1:15050"
+	}
+	if c.Admin.Listen == "" {
+		c.Admin.Listen = "127.0.0.1:15051"
+	}
+	if c.Istio.Namespace == "" {
+		c.Istio.Namespace = "meshturbo-system"
+	}
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	field := func(name string, err error) {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+		}
+	}
+	field("listen", checkHostPort(c.Listen))
+	field("admin.listen", checkHostPort(c.Admin.Listen))
+	if c.Admin.TokenFile != "" {
+		_, err := os.Stat(c.Admin.TokenFile)
+		field("admin.tokenFile", err)
+	}
+	if c.Istio.VIPRange != "" {
+		if _, err := netip.ParsePrefix(c.Istio.VIPRange); err != nil {
+			field("istio.vipRange", err)
+		}
+	}
+	if len(c.Sources) == 0 {
+		errs = append(errs, errors.New("sources: at least one registry is required"))
+	}
+	for i, s := range c.Sources {
+		at := fmt.Sprintf("sources[%d]", i)
+		if s.Consul == nil {
+			errs = append(errs, fmt.Errorf("%s: no registry block (consul)", at))
+			continue
+		}
+		field(at+".consul.address", checkHostPort(s.Consul.Address))
+		if s.Consul.TokenFile != "" {
+			_, err := os.Stat(s.Consul.TokenFile)
+			field(at+".consul.tokenFile", err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func checkHostPort(s string) error {
+	if s == "" {
+		return errors.New("required (host:port)")
+	}
+	if _, _, err := net.SplitHostPort(s); err != nil {
+		return err
+	}
+	return nil
+}
+
+func readSecret(path string) (string, error) {
+	if path == "" {
+		return "", nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// watchers builds the configured watchers, in priority order.
+func (c *Config) watchers(log *slog.Logger) ([]bridge.Watcher, error) {
+	var out []bridge.Watcher
+	for i, s := range c.Sources {
+		at := fmt.Sprintf("sources[%d]", i)
+		token, err := readSecret(s.Consul.TokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("%s.consul.tokenFile: %w", at, err)
+		}
+		cc := consul.Config{
+			Address: s.Consul.Address, Datacenter: s.Consul.Datacenter, Namespace: s.Consul.Namespace,
+			Partition: s.Consul.Partition, Token: token, Domain: s.Consul.Domain,
+			MeshedMetaKey: s.Consul.MeshedMetaKey, Logger: log.With("source", "consul"),
+		}
+		if t := s.Consul.TLS; t != nil {
+			cc.TLS = &consul.TLS{CAFile: t.CAFile, CertFile: t.CertFile, KeyFile: t.KeyFile,
+				ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify}
+		}
+		w, err := consul.New(cc)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", at, err)
+		}
+		shaped, err := bridge.WithOptions(w, bridge.SourceOptions{Include: s.Include, Exclude: s.Exclude, IstioNamespace: s.IstioNamespace})
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", at, err)
+		}
+		out = append(out, shaped)
+	}
+	return out, nil
+}
