@@ -14,24 +14,62 @@ type Catalog struct {
 	Skipped []Skipped
 }
 
-// NewCatalog builds a catalog from services, normalizing and sorting them. When two services
-// share a host name the earlier one in svcs wins and the later one is recorded as skipped;
-// callers order svcs by source priority.
-func NewCatalog(svcs []Service) *Catalog {
+// Merge says what happens when two sources claim the same host name.
+type Merge int
+
+const (
+	// MergePriority keeps the service of the source listed first; the other is skipped.
+	MergePriority Merge = iota
+	// MergeUnion serves the endpoints of both under the first source's ports, labels and
+	// namespace; endpoints whose ports the first source does not declare are skipped.
+	MergeUnion
+)
+
+// NewCatalog builds a catalog from services, normalizing and sorting them. Callers order
+// svcs by source priority; host name conflicts are resolved by MergePriority.
+func NewCatalog(svcs []Service) *Catalog { return NewCatalogMerged(svcs, MergePriority) }
+
+// NewCatalogMerged is NewCatalog with an explicit conflict rule.
+func NewCatalogMerged(svcs []Service, merge Merge) *Catalog {
 	c := &Catalog{Services: make([]Service, 0, len(svcs))}
-	seen := make(map[string]Source, len(svcs))
+	index := make(map[string]int, len(svcs))
 	for _, s := range svcs {
-		if winner, dup := seen[s.Hostname]; dup {
-			c.Skipped = append(c.Skipped, Skipped{Source: s.Source, Hostname: s.Hostname, Code: SkipConflict,
-				Reason: "host name also claimed by " + string(winner) + ", which has priority"})
+		i, dup := index[s.Hostname]
+		if !dup {
+			index[s.Hostname] = len(c.Services)
+			s.Endpoints = slices.Clone(s.Endpoints)
+			c.Services = append(c.Services, s)
 			continue
 		}
-		seen[s.Hostname] = s.Source
-		s.Normalize()
-		c.Services = append(c.Services, s)
+		winner := &c.Services[i]
+		if merge == MergePriority {
+			c.Skipped = append(c.Skipped, Skipped{Source: s.Source, Hostname: s.Hostname, Code: SkipConflict,
+				Reason: "host name also claimed by " + string(winner.Source) + ", which has priority"})
+			continue
+		}
+		for _, ep := range s.Endpoints {
+			if reason := portsFit(winner, &ep); reason != "" {
+				c.Skipped = append(c.Skipped, Skipped{Source: s.Source, Hostname: s.Hostname, ID: ep.ID, Code: SkipConflict, Reason: reason})
+				continue
+			}
+			winner.Endpoints = append(winner.Endpoints, ep)
+		}
+	}
+	for i := range c.Services {
+		c.Services[i].Normalize()
 	}
 	slices.SortFunc(c.Services, func(a, b Service) int { return cmp.Compare(a.Hostname, b.Hostname) })
 	return c
+}
+
+// portsFit reports why ep cannot join svc in a union, or "" when it can.
+func portsFit(svc *Service, ep *Endpoint) string {
+	for name := range ep.Ports {
+		if !svc.hasPort(name) {
+			return "port " + name + " is not a port of " + string(svc.Source) + "'s " + svc.Hostname + ", which has priority"
+		}
+	}
+	return ""
 }
 
 // Lookup returns the service with the host name, or nil.

@@ -151,3 +151,22 @@ func TestParseProtocol(t *testing.T) {
 		}
 	}
 }
+
+func TestCatalogUnionMergesEndpoints(t *testing.T) {
+	first := httpService("x.example", ep("c", "10.0.0.1", 80))
+	second := httpService("x.example", ep("z", "10.0.0.2", 81))
+	second.Source = SourceEureka
+	tcpOnly := Endpoint{ID: "t", Address: "10.0.0.3", Ports: map[string]uint32{"tcp": 9}}
+	second.Endpoints = append(second.Endpoints, tcpOnly)
+	c := NewCatalogMerged([]Service{first, second}, MergeUnion)
+	s := c.Lookup("x.example")
+	if s == nil || len(s.Endpoints) != 2 || s.Source != SourceConsul {
+		t.Fatalf("union = %+v, want consul's service with both http endpoints", s)
+	}
+	if len(c.Skipped) != 1 || c.Skipped[0].ID != "t" {
+		t.Fatalf("skipped = %+v, want the endpoint on an undeclared port", c.Skipped)
+	}
+	if len(first.Endpoints) != 1 {
+		t.Fatal("union changed its input")
+	}
+}

@@ -4,7 +4,8 @@
 // into ServiceEntry resources for the xDS server.
 //
 // Conflict rule: when two sources claim the same host name, the source listed first in
-// Config.Watchers wins and the other's service is reported as skipped.
+// Config.Watchers wins and the other's service is reported as skipped; with
+// Config.Merge = model.MergeUnion the endpoints of both are served instead.
 //
 // Retention: a service that disappears from its registry (its last instance deregistered) is
 // kept with no endpoints for Config.Retention before it is removed. Callers meanwhile get
@@ -55,6 +56,8 @@ type Config struct {
 	OnCatalog func(*model.Catalog)
 	// Debounce is how long the bridge waits for more changes before building a catalog.
 	Debounce time.Duration
+	// Merge is the host name conflict rule (default model.MergePriority).
+	Merge model.Merge
 	// Retention is how long a vanished service is kept with no endpoints (default 10m).
 	Retention time.Duration
 	// Now is the clock (default time.Now); tests inject their own.
@@ -262,7 +265,7 @@ func (b *Bridge) merge(ctx context.Context) {
 		if !next.IsZero() {
 			expiry.Reset(next.Sub(b.cfg.Now()))
 		}
-		cat := model.NewCatalog(all)
+		cat := model.NewCatalogMerged(all, b.cfg.Merge)
 		for _, s := range cat.Skipped {
 			b.cfg.Logger.Warn("service skipped", "source", s.Source, "service", s.Hostname, "reason", s.Reason)
 		}

@@ -13,6 +13,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/meshturbo/meshturbo/model"
 	bridge "github.com/meshturbo/meshturbo/registry-bridge"
 	"github.com/meshturbo/meshturbo/registry-bridge/consul"
 )
@@ -30,12 +31,14 @@ import (
 //	  include: ["*.service.consul"]
 //	  istioNamespace: legacy
 type Config struct {
-	Listen    string         `yaml:"listen"`
-	Admin     AdminConfig    `yaml:"admin"`
-	Istio     IstioConfig    `yaml:"istio"`
-	Retention Duration       `yaml:"retention"`
-	Debounce  Duration       `yaml:"debounce"`
-	Sources   []SourceConfig `yaml:"sources"`
+	Listen    string      `yaml:"listen"`
+	Admin     AdminConfig `yaml:"admin"`
+	Istio     IstioConfig `yaml:"istio"`
+	Retention Duration    `yaml:"retention"`
+	// Merge is "priority" (default: the first source wins a host name) or "union".
+	Merge    string         `yaml:"merge"`
+	Debounce Duration       `yaml:"debounce"`
+	Sources  []SourceConfig `yaml:"sources"`
 }
 
 // AdminConfig configures the admin API.
@@ -147,6 +150,9 @@ func (c *Config) validate() error {
 			field("istio.vipRange", err)
 		}
 	}
+	if _, err := c.merge(); err != nil {
+		field("merge", err)
+	}
 	if len(c.Sources) == 0 {
 		errs = append(errs, errors.New("sources: at least one registry is required"))
 	}
@@ -163,6 +169,16 @@ func (c *Config) validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func (c *Config) merge() (model.Merge, error) {
+	switch c.Merge {
+	case "", "priority":
+		return model.MergePriority, nil
+	case "union":
+		return model.MergeUnion, nil
+	}
+	return 0, fmt.Errorf("%q is not priority or union", c.Merge)
 }
 
 func checkHostPort(s string) error {

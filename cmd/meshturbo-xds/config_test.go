@@ -44,6 +44,7 @@ func TestParseConfigNamesTheBadField(t *testing.T) {
 		{"sources:\n- consul: {adress: x:1}", "field adress not found"},
 		{"retention: soon\nsources:\n- consul: {address: a:1}", `"soon" is not a duration`},
 		{"istio: {vipRange: 300.0.0.0/8}\nsources:\n- consul: {address: a:1}", "istio.vipRange"},
+		{"merge: both\nsources:\n- consul: {address: a:1}", `merge: "both" is not priority or union`},
 		{"admin: {listen: nohostport}\nsources:\n- consul: {address: a:1}", "admin.listen"},
 		{"sources:\n- consul: {address: a:1, tokenFile: /nonexistent/token}", "sources[0].consul.tokenFile"},
 	} {

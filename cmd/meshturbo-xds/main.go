@@ -91,6 +91,7 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	if cfg.Istio.VIPRange != "" {
 		vipRange = netip.MustParsePrefix(cfg.Istio.VIPRange) // validated
 	}
+	merge, _ := cfg.merge() // validated
 	topts := bridge.TranslateOptions{Namespace: cfg.Istio.Namespace, VIPRange: vipRange}
 
 	store := xds.NewStore()
@@ -103,6 +104,7 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	br, err := bridge.New(bridge.Config{
 		Watchers:  watchers,
 		Retention: cfg.Retention.Duration,
+		Merge:     merge,
 		Debounce:  cfg.Debounce.Duration,
 		Logger:    log.With("component", "bridge"),
 		OnCatalog: func(cat *model.Catalog) {
