@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -30,6 +31,9 @@ import (
 //	    tokenFile: /etc/meshturbo/consul-token
 //	  include: ["*.service.consul"]
 //	  istioNamespace: legacy
+//	  registerMeshServices: true      # register meshServices here for non-mesh callers
+//	meshServices:
+//	- {name: greeter, address: 10.0.0.5, port: 8080, protocol: http}
 type Config struct {
 	Listen    string      `yaml:"listen"`
 	Admin     AdminConfig `yaml:"admin"`
@@ -39,6 +43,19 @@ type Config struct {
 	Merge    string         `yaml:"merge"`
 	Debounce Duration       `yaml:"debounce"`
 	Sources  []SourceConfig `yaml:"sources"`
+	// MeshServices are registered into every source with registerMeshServices: true, so
+	// non-mesh callers that only read that registry find them.
+	MeshServices []MeshServiceConfig `yaml:"meshServices"`
+}
+
+// MeshServiceConfig is a mesh service to register into registries (reverse registration).
+type MeshServiceConfig struct {
+	Name       string            `yaml:"name"`
+	Address    string            `yaml:"address"`
+	Port       int               `yaml:"port"`
+	Protocol   string            `yaml:"protocol"`
+	HealthHTTP string            `yaml:"healthHTTP"`
+	Meta       map[string]string `yaml:"meta"`
 }
 
 // AdminConfig configures the admin API.
@@ -59,6 +76,8 @@ type SourceConfig struct {
 	Include        []string      `yaml:"include"`
 	Exclude        []string      `yaml:"exclude"`
 	IstioNamespace string        `yaml:"istioNamespace"`
+	// RegisterMeshServices registers the top-level meshServices into this registry.
+	RegisterMeshServices bool `yaml:"registerMeshServices"`
 }
 
 // ConsulConfig is a Consul source.
@@ -153,6 +172,11 @@ func (c *Config) validate() error {
 	if _, err := c.merge(); err != nil {
 		field("merge", err)
 	}
+	for i, m := range c.MeshServices {
+		if m.Name == "" || net.ParseIP(m.Address) == nil || m.Port <= 0 || m.Port > 65535 {
+			errs = append(errs, fmt.Errorf("meshServices[%d] (%q): name, an IP address and a port 1-65535 are required", i, m.Name))
+		}
+	}
 	if len(c.Sources) == 0 {
 		errs = append(errs, errors.New("sources: at least one registry is required"))
 	}
@@ -229,6 +253,32 @@ func (c *Config) watchers(log *slog.Logger) ([]bridge.Watcher, error) {
 			return nil, fmt.Errorf("%s: %w", at, err)
 		}
 		out = append(out, shaped)
+	}
+	return out, nil
+}
+
+// registrars builds the reverse registrations of mesh services into the sources that ask for them.
+func (c *Config) registrars(log *slog.Logger) ([]io.Closer, error) {
+	var out []io.Closer
+	for i, s := range c.Sources {
+		if !s.RegisterMeshServices || len(c.MeshServices) == 0 {
+			continue
+		}
+		token, err := readSecret(s.Consul.TokenFile)
+		if err != nil {
+			return out, fmt.Errorf("sources[%d].consul.tokenFile: %w", i, err)
+		}
+		var svcs []consul.MeshService
+		for _, m := range c.MeshServices {
+			svcs = append(svcs, consul.MeshService{Name: m.Name, Address: m.Address, Port: m.Port,
+				Protocol: m.Protocol, HealthHTTP: m.HealthHTTP, Meta: m.Meta})
+		}
+		r, err := consul.NewRegistrar(consul.RegistrarConfig{Address: s.Consul.Address, Datacenter: s.Consul.Datacenter,
+			Token: token, Services: svcs, Logger: log.With("source", "consul", "component", "reverse")})
+		if err != nil {
+			return out, fmt.Errorf("sources[%d]: %w", i, err)
+		}
+		out = append(out, r)
 	}
 	return out, nil
 }

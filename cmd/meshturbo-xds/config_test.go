@@ -45,6 +45,7 @@ func TestParseConfigNamesTheBadField(t *testing.T) {
 		{"retention: soon\nsources:\n- consul: {address: a:1}", `"soon" is not a duration`},
 		{"istio: {vipRange: 300.0.0.0/8}\nsources:\n- consul: {address: a:1}", "istio.vipRange"},
 		{"merge: both\nsources:\n- consul: {address: a:1}", `merge: "both" is not priority or union`},
+		{"meshServices: [{name: g, address: host, port: 1}]\nsources:\n- consul: {address: a:1}", "meshServices[0]"},
 		{"admin: {listen: nohostport}\nsources:\n- consul: {address: a:1}", "admin.listen"},
 		{"sources:\n- consul: {address: a:1, tokenFile: /nonexistent/token}", "sources[0].consul.tokenFile"},
 	} {

@@ -128,6 +128,16 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	}
 	defer func() { err = errors.Join(err, br.Close()) }()
 
+	regs, err := cfg.registrars(log)
+	defer func() {
+		for _, r := range regs {
+			err = errors.Join(err, r.Close()) // deregister on shutdown
+		}
+	}()
+	if err != nil {
+		return err
+	}
+
 	adm, err := admin.New(admin.Config{
 		Addr:   cfg.Admin.Listen,
 		Token:  token,

@@ -297,6 +297,15 @@ func NextIndex(prev, got uint64) uint64 {
 func (w *Watcher) snapshot(instances map[string][]*api.ServiceEntry) []model.Service {
 	out := make([]model.Service, 0, len(instances))
 	for name, entries := range instances {
+		// Instances meshturbo registered itself are mesh services: importing them back
+		// would loop them into the mesh as if they were outside it.
+		own := slices.ContainsFunc(entries, func(e *api.ServiceEntry) bool { return e.Service.Meta[ReverseMetaKey] == "true" })
+		if own {
+			entries = slices.DeleteFunc(slices.Clone(entries), func(e *api.ServiceEntry) bool { return e.Service.Meta[ReverseMetaKey] == "true" })
+			if len(entries) == 0 {
+				continue
+			}
+		}
 		out = append(out, w.toService(name, entries))
 	}
 	slices.SortFunc(out, func(a, b model.Service) int { return cmp.Compare(a.Hostname, b.Hostname) })
