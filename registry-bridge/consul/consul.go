@@ -214,10 +214,14 @@ func (w *Watcher) watchCatalog(ctx context.Context, st *state, wg *sync.WaitGrou
 		if err != nil {
 			w.cfg.Logger.Warn("consul catalog query failed; keeping the last snapshot", "address", w.cfg.Address, "error", err,
 				"retry_in", bo.peek(), "fix", "check that the Consul HTTP API answers at this address (GET /v1/status/leader)")
+			// The agent answering next may be a restarted one whose index starts below ours;
+			// a blocking query at our index would then hang until WaitTime. Re-read at once.
+			index = 0
 			bo.wait(ctx)
 			continue
 		}
 		bo.reset()
+		w.cfg.Logger.Debug("consul catalog", "services", len(names), "index", meta.LastIndex, "previous_index", index)
 		index = NextIndex(index, meta.LastIndex)
 
 		st.mu.Lock()
@@ -264,6 +268,7 @@ func (w *Watcher) watchHealth(ctx context.Context, st *state, name string) {
 		w.contact(err)
 		if err != nil {
 			w.cfg.Logger.Warn("consul health query failed; keeping the last snapshot", "service", name, "error", err, "retry_in", bo.peek())
+			index = 0 // as in watchCatalog: the next agent may have restarted with a lower index
 			bo.wait(ctx)
 			continue
 		}
@@ -390,7 +395,8 @@ func equalServices(a, b []model.Service) bool {
 	})
 }
 
-// backoff doubles from 100ms to 5s.
+// backoff doubles from 100ms to 2s: short enough that a registry coming back is seen within
+// seconds.
 type backoff struct{ next time.Duration }
 
 func newBackoff() *backoff             { return &backoff{next: 100 * time.Millisecond} }
@@ -403,5 +409,5 @@ func (b *backoff) wait(ctx context.Context) {
 	case <-ctx.Done():
 	case <-t.C:
 	}
-	b.next = min(2*b.next, 5*time.Second)
+	b.next = min(2*b.next, 2*time.Second)
 }

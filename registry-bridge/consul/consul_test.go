@@ -71,7 +71,15 @@ func (s *snapshots) await(t *testing.T, what string, ok func([]model.Service) bo
 		select {
 		case <-s.ch:
 		case <-deadline:
-			t.Fatalf("%s: not published within 10s", what)
+			s.mu.Lock()
+			var last []string
+			if n := len(s.all); n > 0 {
+				for _, svc := range s.all[n-1] {
+					last = append(last, fmt.Sprintf("%s(%d)", svc.Hostname, len(svc.Endpoints)))
+				}
+			}
+			s.mu.Unlock()
+			t.Fatalf("%s: not published within 10s; last snapshot: %v", what, last)
 		}
 	}
 }
@@ -252,4 +260,78 @@ func TestConfigValidation(t *testing.T) {
 	if _, err := New(Config{}); err == nil || !strings.Contains(err.Error(), "Address") {
 		t.Fatalf("err = %v, want one naming Address", err)
 	}
+}
+
+// TestConsulRestartResetsIndex restarts the (in-memory, dev mode) agent: its raft index starts
+// again from a small number, below the one the watcher holds. The watcher must notice the
+// index going backwards, publish nothing while Consul is down, and converge on the new state.
+func TestConsulRestartResetsIndex(t *testing.T) {
+	consul := testenv.StartConsul(t)
+	c := agentClient(t, consul.HTTPAddr)
+	register := func(names ...string) {
+		t.Helper()
+		for i, n := range names {
+			if err := c.Agent().ServiceRegister(&api.AgentServiceRegistration{
+				ID: n + "-1", Name: n, Address: fmt.Sprintf("10.0.1.%d", i+1), Port: 80}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// Push the index well up first, so the restarted agent's index is lower.
+	for i := range 30 {
+		register(fmt.Sprintf("warmup%d", i))
+	}
+	for i := range 30 {
+		if err := c.Agent().ServiceDeregister(fmt.Sprintf("warmup%d-1", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	register("a", "b", "c")
+	w, snaps := startWatcher(t, consul.HTTPAddr, testenv.Logger(t))
+	snaps.await(t, "a, b and c", func(s []model.Service) bool { return len(s) == 3 })
+	before := snaps.count()
+	_, meta, err := c.Catalog().Services(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	indexBefore := meta.LastIndex
+
+	if err := consul.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for w.Health().Connected {
+		if time.Now().After(deadline) {
+			t.Fatal("the watcher never noticed Consul was down")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if snaps.count() != before {
+		t.Fatal("published while Consul was down")
+	}
+
+	consul.Restart(t)
+	c = agentClient(t, consul.HTTPAddr)
+	_, meta, err = c.Catalog().Services(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if meta.LastIndex >= indexBefore {
+		t.Fatalf("index after restart %d is not below %d: the test does not exercise a reset", meta.LastIndex, indexBefore)
+	}
+	// The agent keeps its local registrations across the restart; change them meanwhile.
+	for _, id := range []string{"b-1", "c-1"} {
+		if err := c.Agent().ServiceDeregister(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	register("a", "d")
+	start := time.Now()
+	svcs := snaps.await(t, "a and d after the restart", func(s []model.Service) bool {
+		return len(s) == 2 && find(s, "a.service.consul") != nil && find(s, "d.service.consul") != nil
+	})
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("converged %s after recovery, want within 5s", took)
+	}
+	_ = svcs
 }
