@@ -162,6 +162,9 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		return []model.Service{}
 	})
 	adm.HandleJSON("/v1/xds/clients", func() any { return srv.Clients() })
+	adm.HandleJSON("/v1/xds/serviceentries", func() any {
+		return map[string]any{"version": store.Version(xds.TypeServiceEntry), "resources": store.ResourceVersions(xds.TypeServiceEntry)}
+	})
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newCollector(br, srv), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	adm.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))

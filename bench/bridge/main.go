@@ -1,0 +1,373 @@
+// Command bridge is `make bench-bridge`. It measures, with the real Consul, istiod and Envoy
+// from `make deps`:
+//
+//   - propagation: a registry write until the Envoy sidecar holds the endpoint (its cluster's
+//     membership_total), p50/p99 over many writes;
+//   - scale: meshturbo-xds bridging S services with I instances: its CPU while syncing and
+//     while idle, its RSS, and how many ServiceEntries one endpoint change touches.
+//
+// It ends with the line `bench-bridge: consul_p99_ms=… … cpu_cores=… rss_mib=… changed_per_edit=…`.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/meshturbo/meshturbo/internal/testenv"
+)
+
+type options struct {
+	edits     int
+	services  int
+	instances int
+	out       string
+}
+
+func main() {
+	var o options
+	flag.IntVar(&o.edits, "edits", 50, "registry writes timed for propagation")
+	flag.IntVar(&o.services, "services", 10000, "services in the scale run")
+	flag.IntVar(&o.instances, "instances", 100000, "instances in the scale run")
+	flag.StringVar(&o.out, "out", "out/bench-bridge", "directory for logs")
+	flag.Parse()
+	env, err := testenv.NewEnv(o.out)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench-bridge:", err)
+		os.Exit(1)
+	}
+	err = run(env, o)
+	env.Close()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench-bridge:", err, "(logs in", env.Dir()+")")
+		os.Exit(1)
+	}
+}
+
+func run(env *testenv.Env, o options) error {
+	deps, err := testenv.LoadDeps()
+	if err != nil {
+		return fmt.Errorf("%w (run 'make deps')", err)
+	}
+	bin := filepath.Join(env.Dir(), "bin")
+	if out, err := exec.Command("go", "build", "-o", bin+"/", "./cmd/meshturbo-xds", "./cmd/meshturbo-upgrade").CombinedOutput(); err != nil {
+		return fmt.Errorf("build: %w\n%s", err, out)
+	}
+
+	consul, err := testenv.StartConsulIn(env, deps)
+	if err != nil {
+		return err
+	}
+	cfg := api.DefaultConfig()
+	cfg.Address = consul.HTTPAddr
+	cc, err := api.NewClient(cfg)
+	if err != nil {
+		return err
+	}
+	ports, err := freePorts(4)
+	if err != nil {
+		return err
+	}
+	mcp, admin, envoyAdmin, upAdmin := addr(ports[0]), addr(ports[1]), addr(ports[2]), addr(ports[3])
+	xdsProc, err := testenv.StartIn(env, "meshturbo-xds", exec.Command(filepath.Join(bin, "meshturbo-xds"),
+		"-listen", mcp, "-admin", admin, "-consul", consul.HTTPAddr, "-log-level", "warn"),
+		testenv.HTTPProbe("http://"+admin+"/readyz", nil), 30*time.Second)
+	if err != nil {
+		return err
+	}
+	istiod, err := testenv.StartIstiodIn(env, deps, mcp)
+	if err != nil {
+		return err
+	}
+	if _, err := testenv.StartIn(env, "meshturbo-upgrade", exec.Command(filepath.Join(bin, "meshturbo-upgrade"),
+		"-envoy", deps.Envoy, "-istiod", istiod.XDSAddr, "-envoy-admin", envoyAdmin, "-admin", upAdmin,
+		"-interception", "none", "-concurrency", "1"),
+		testenv.HTTPProbe("http://"+upAdmin+"/healthz", nil), time.Minute); err != nil {
+		return err
+	}
+
+	// Propagation: each edit adds (or, every other time, removes) one instance of "bench";
+	// done when Envoy's cluster for it has the new member count.
+	const port = 18000
+	cluster := fmt.Sprintf("cluster.outbound|%d||bench.service.consul.membership_total", port)
+	register := func(i int) error {
+		return cc.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: fmt.Sprintf("bench-%d", i), Name: "bench",
+			Address: fmt.Sprintf("127.1.%d.%d", i/250, i%250+1), Port: port, Meta: map[string]string{"protocol": "http"}})
+	}
+	if err := register(0); err != nil {
+		return err
+	}
+	if _, err := awaitStat(envoyAdmin, cluster, 1, 60*time.Second); err != nil {
+		return fmt.Errorf("first instance never reached Envoy: %w", err)
+	}
+	var lat []time.Duration
+	members := 1
+	for i := 1; i <= o.edits; i++ {
+		start := time.Now()
+		if i%2 == 1 {
+			err = register(i)
+			members++
+		} else {
+			err = cc.Agent().ServiceDeregister(fmt.Sprintf("bench-%d", i-1))
+			members--
+		}
+		if err != nil {
+			return err
+		}
+		if _, err := awaitStat(envoyAdmin, cluster, members, 10*time.Second); err != nil {
+			return fmt.Errorf("edit %d: %w", i, err)
+		}
+		lat = append(lat, time.Since(start))
+	}
+	p50, p99 := percentile(lat, 50), percentile(lat, 99)
+	fmt.Printf("consul propagation (registry write → Envoy endpoint), %d edits: p50=%s p99=%s max=%s\n",
+		len(lat), p50.Round(time.Millisecond), p99.Round(time.Millisecond), slices.Max(lat).Round(time.Millisecond))
+
+	// Scale.
+	fmt.Printf("scale: loading %d services / %d instances into Consul ...\n", o.services, o.instances)
+	loadStart := time.Now()
+	if err := loadConsul(cc, o.services, o.instances); err != nil {
+		return err
+	}
+	fmt.Printf("scale: loaded in %s\n", time.Since(loadStart).Round(time.Second))
+	pid := xdsProc.Pid()
+	cpu0, wall0 := cpuSeconds(pid), time.Now()
+	syncStart := time.Now()
+	want := o.services + 1 // + bench
+	if err := awaitServiceEntries(admin, want, 10*time.Minute); err != nil {
+		return err
+	}
+	syncCPU := (cpuSeconds(pid) - cpu0) / time.Since(wall0).Seconds()
+	fmt.Printf("scale: meshturbo-xds serves %d ServiceEntries %s after the load; CPU while syncing %.2f cores\n",
+		want, time.Since(syncStart).Round(time.Millisecond), syncCPU)
+
+	// Steady state: one edit every 100ms for 10s, then idle for 10s.
+	before, err := serviceEntryVersions(admin)
+	if err != nil {
+		return err
+	}
+	cpu0, wall0 = cpuSeconds(pid), time.Now()
+	for i := range 100 {
+		svc := i % o.services
+		if err := cc.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: fmt.Sprintf("edit-%d", i), Name: fmt.Sprintf("svc-%d", svc),
+			Address: fmt.Sprintf("10.200.%d.%d", i/250, i%250+1), Port: 8080}); err != nil {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	steadyCPU := (cpuSeconds(pid) - cpu0) / time.Since(wall0).Seconds()
+	// Let the last edits settle, then measure idle.
+	if err := awaitStable(admin, 2*time.Second, time.Minute); err != nil {
+		return err
+	}
+	cpu0, wall0 = cpuSeconds(pid), time.Now()
+	time.Sleep(10 * time.Second)
+	idleCPU := (cpuSeconds(pid) - cpu0) / time.Since(wall0).Seconds()
+	rss := rssMiB(pid)
+
+	// One endpoint change: exactly one ServiceEntry version moves.
+	mid, err := serviceEntryVersions(admin)
+	if err != nil {
+		return err
+	}
+	_ = before
+	if err := cc.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "one-edit", Name: "svc-1",
+		Address: "10.201.0.1", Port: 8080}); err != nil {
+		return err
+	}
+	var changed int
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		after, err := serviceEntryVersions(admin)
+		if err != nil {
+			return err
+		}
+		changed = diffCount(mid, after)
+		if changed > 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	fmt.Printf("scale: steady CPU %.2f cores (10 edits/s), idle CPU %.3f cores, RSS %d MiB, one edit changed %d ServiceEntries\n",
+		steadyCPU, idleCPU, rss, changed)
+	fmt.Printf("bench-bridge: consul_p99_ms=%d zk_p99_ms=NA eureka_p99_ms=NA cpu_cores=%.2f rss_mib=%d changed_per_edit=%d\n",
+		p99.Milliseconds(), steadyCPU, rss, changed)
+	return nil
+}
+
+// loadConsul registers services×instances through transactions (64 operations each) on
+// synthetic nodes, as a large catalog fed by many agents would look.
+func loadConsul(cc *api.Client, services, instances int) error {
+	const perTxn = 64
+	nodes := (instances + 999) / 1000
+	for n := range nodes {
+		if _, err := cc.Catalog().Register(&api.CatalogRegistration{Node: fmt.Sprintf("node-%d", n),
+			Address: fmt.Sprintf("10.100.%d.%d", n/250, n%250+1)}, nil); err != nil {
+			return fmt.Errorf("register node: %w", err)
+		}
+	}
+	var ops api.TxnOps
+	flush := func() error {
+		if len(ops) == 0 {
+			return nil
+		}
+		ok, resp, _, err := cc.Txn().Txn(ops, nil)
+		if err != nil {
+			return fmt.Errorf("consul txn: %w", err)
+		}
+		if !ok {
+			return fmt.Errorf("consul txn rejected: %v", resp.Errors)
+		}
+		ops = ops[:0]
+		return nil
+	}
+	for i := range instances {
+		svc := i % services
+		n := i / 1000
+		ops = append(ops, &api.TxnOp{Service: &api.ServiceTxnOp{Verb: api.ServiceSet, Node: fmt.Sprintf("node-%d", n),
+			Service: api.AgentService{ID: fmt.Sprintf("i-%d", i), Service: fmt.Sprintf("svc-%d", svc),
+				Address: fmt.Sprintf("10.%d.%d.%d", 10+i/62500, (i/250)%250, i%250+1), Port: 8080}}})
+		if len(ops) == perTxn {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return flush()
+}
+
+func addr(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
+
+func freePorts(n int) ([]int, error) {
+	env := make([]int, 0, n)
+	for range n {
+		l, err := netListen()
+		if err != nil {
+			return nil, err
+		}
+		defer l.Close()
+		env = append(env, l.Addr().(*tcpAddr).Port)
+	}
+	return env, nil
+}
+
+func getJSON(url string, v any) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		b, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("%s: %d %s", url, resp.StatusCode, b)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
+}
+
+// awaitStat polls an Envoy stat until it equals want.
+func awaitStat(envoyAdmin, stat string, want int, within time.Duration) (time.Duration, error) {
+	start := time.Now()
+	last := "absent"
+	for time.Since(start) < within {
+		resp, err := http.Get("http://" + envoyAdmin + "/stats?filter=" + regexpQuote(stat))
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			for _, line := range strings.Split(string(b), "\n") {
+				if k, v, ok := strings.Cut(line, ": "); ok && k == stat {
+					last = v
+					if n, _ := strconv.Atoi(v); n == want {
+						return time.Since(start), nil
+					}
+				}
+			}
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return 0, fmt.Errorf("%s = %s, want %d within %s", stat, last, want, within)
+}
+
+func regexpQuote(s string) string {
+	r := strings.NewReplacer(".", `\.`, "|", `\|`)
+	return "^" + r.Replace(s) + "$"
+}
+
+type seVersions struct {
+	Version   string            `json:"version"`
+	Resources map[string]string `json:"resources"`
+}
+
+func serviceEntryVersions(admin string) (seVersions, error) {
+	var v seVersions
+	err := getJSON("http://"+admin+"/v1/xds/serviceentries", &v)
+	return v, err
+}
+
+func awaitServiceEntries(admin string, want int, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	got := 0
+	for time.Now().Before(deadline) {
+		v, err := serviceEntryVersions(admin)
+		if err == nil {
+			got = len(v.Resources)
+			if got >= want {
+				return nil
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return fmt.Errorf("meshturbo-xds serves %d ServiceEntries, want %d within %s", got, want, within)
+}
+
+// awaitStable waits until the served version has not changed for quiet.
+func awaitStable(admin string, quiet, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	last, since := "", time.Now()
+	for time.Now().Before(deadline) {
+		v, err := serviceEntryVersions(admin)
+		if err != nil {
+			return err
+		}
+		if v.Version != last {
+			last, since = v.Version, time.Now()
+		} else if time.Since(since) >= quiet {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return errors.New("ServiceEntries never settled")
+}
+
+func diffCount(a, b seVersions) int {
+	n := 0
+	for k, v := range b.Resources {
+		if a.Resources[k] != v {
+			n++
+		}
+	}
+	for k := range a.Resources {
+		if _, ok := b.Resources[k]; !ok {
+			n++
+		}
+	}
+	return n
+}
+
+func percentile(d []time.Duration, p int) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := (len(s)*p + 99) / 100
+	return s[max(0, min(len(s)-1, i-1))]
+}
