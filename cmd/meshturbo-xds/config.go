@@ -17,6 +17,7 @@ import (
 	"github.com/meshturbo/meshturbo/model"
 	bridge "github.com/meshturbo/meshturbo/registry-bridge"
 	"github.com/meshturbo/meshturbo/registry-bridge/consul"
+	"github.com/meshturbo/meshturbo/registry-bridge/zookeeper"
 )
 
 // Config is meshturbo-xds's configuration file. Example:
@@ -72,10 +73,11 @@ type IstioConfig struct {
 
 // SourceConfig is one registry. Exactly one registry block is set.
 type SourceConfig struct {
-	Consul         *ConsulConfig `yaml:"consul"`
-	Include        []string      `yaml:"include"`
-	Exclude        []string      `yaml:"exclude"`
-	IstioNamespace string        `yaml:"istioNamespace"`
+	Consul         *ConsulConfig    `yaml:"consul"`
+	ZooKeeper      *ZooKeeperConfig `yaml:"zookeeper"`
+	Include        []string         `yaml:"include"`
+	Exclude        []string         `yaml:"exclude"`
+	IstioNamespace string           `yaml:"istioNamespace"`
 	// RegisterMeshServices registers the top-level meshServices into this registry.
 	RegisterMeshServices bool `yaml:"registerMeshServices"`
 }
@@ -90,6 +92,21 @@ type ConsulConfig struct {
 	Domain        string     `yaml:"domain"`
 	MeshedMetaKey string     `yaml:"meshedMetaKey"`
 	TLS           *TLSConfig `yaml:"tls"`
+}
+
+// ZooKeeperConfig is a ZooKeeper source (Dubbo and Curator layouts).
+type ZooKeeperConfig struct {
+	Servers        []string          `yaml:"servers"`
+	SessionTimeout Duration          `yaml:"sessionTimeout"`
+	DubboRoot      string            `yaml:"dubboRoot"`
+	DubboDomain    string            `yaml:"dubboDomain"`
+	DisableDubbo   bool              `yaml:"disableDubbo"`
+	CuratorRoot    string            `yaml:"curatorRoot"`
+	CuratorDomain  string            `yaml:"curatorDomain"`
+	DisableCurator bool              `yaml:"disableCurator"`
+	Protocols      map[string]string `yaml:"protocols"` // Dubbo URL protocol → http, grpc, tcp, …
+	MeshedKey      string            `yaml:"meshedKey"`
+	Resync         Duration          `yaml:"resync"`
 }
 
 // TLSConfig is client TLS to a registry.
@@ -182,14 +199,22 @@ func (c *Config) validate() error {
 	}
 	for i, s := range c.Sources {
 		at := fmt.Sprintf("sources[%d]", i)
-		if s.Consul == nil {
-			errs = append(errs, fmt.Errorf("%s: no registry block (consul)", at))
-			continue
-		}
-		field(at+".consul.address", checkHostPort(s.Consul.Address))
-		if s.Consul.TokenFile != "" {
-			_, err := os.Stat(s.Consul.TokenFile)
-			field(at+".consul.tokenFile", err)
+		switch {
+		case s.Consul != nil && s.ZooKeeper == nil:
+			field(at+".consul.address", checkHostPort(s.Consul.Address))
+			if s.Consul.TokenFile != "" {
+				_, err := os.Stat(s.Consul.TokenFile)
+				field(at+".consul.tokenFile", err)
+			}
+		case s.ZooKeeper != nil && s.Consul == nil:
+			if len(s.ZooKeeper.Servers) == 0 {
+				errs = append(errs, fmt.Errorf("%s.zookeeper.servers: at least one host:port is required", at))
+			}
+			if s.RegisterMeshServices {
+				errs = append(errs, fmt.Errorf("%s.registerMeshServices: not supported for zookeeper yet (consul only)", at))
+			}
+		default:
+			errs = append(errs, fmt.Errorf("%s: needs exactly one registry block (consul or zookeeper)", at))
 		}
 	}
 	return errors.Join(errs...)
@@ -231,20 +256,14 @@ func (c *Config) watchers(log *slog.Logger) ([]bridge.Watcher, error) {
 	var out []bridge.Watcher
 	for i, s := range c.Sources {
 		at := fmt.Sprintf("sources[%d]", i)
-		token, err := readSecret(s.Consul.TokenFile)
-		if err != nil {
-			return nil, fmt.Errorf("%s.consul.tokenFile: %w", at, err)
+		var w bridge.Watcher
+		var err error
+		switch {
+		case s.Consul != nil:
+			w, err = s.Consul.watcher(log)
+		case s.ZooKeeper != nil:
+			w, err = s.ZooKeeper.watcher(log)
 		}
-		cc := consul.Config{
-			Address: s.Consul.Address, Datacenter: s.Consul.Datacenter, Namespace: s.Consul.Namespace,
-			Partition: s.Consul.Partition, Token: token, Domain: s.Consul.Domain,
-			MeshedMetaKey: s.Consul.MeshedMetaKey, Logger: log.With("source", "consul"),
-		}
-		if t := s.Consul.TLS; t != nil {
-			cc.TLS = &consul.TLS{CAFile: t.CAFile, CertFile: t.CertFile, KeyFile: t.KeyFile,
-				ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify}
-		}
-		w, err := consul.New(cc)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", at, err)
 		}
@@ -257,11 +276,42 @@ func (c *Config) watchers(log *slog.Logger) ([]bridge.Watcher, error) {
 	return out, nil
 }
 
+func (c *ConsulConfig) watcher(log *slog.Logger) (bridge.Watcher, error) {
+	token, err := readSecret(c.TokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("consul.tokenFile: %w", err)
+	}
+	cc := consul.Config{
+		Address: c.Address, Datacenter: c.Datacenter, Namespace: c.Namespace,
+		Partition: c.Partition, Token: token, Domain: c.Domain,
+		MeshedMetaKey: c.MeshedMetaKey, Logger: log.With("source", "consul"),
+	}
+	if t := c.TLS; t != nil {
+		cc.TLS = &consul.TLS{CAFile: t.CAFile, CertFile: t.CertFile, KeyFile: t.KeyFile,
+			ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify}
+	}
+	return consul.New(cc)
+}
+
+func (c *ZooKeeperConfig) watcher(log *slog.Logger) (bridge.Watcher, error) {
+	protos := map[string]model.Protocol{}
+	for k, v := range c.Protocols {
+		protos[k] = model.ParseProtocol(v)
+	}
+	return zookeeper.New(zookeeper.Config{
+		Servers: c.Servers, SessionTimeout: c.SessionTimeout.Duration,
+		DubboRoot: c.DubboRoot, DubboDomain: c.DubboDomain, DisableDubbo: c.DisableDubbo,
+		CuratorRoot: c.CuratorRoot, CuratorDomain: c.CuratorDomain, DisableCurator: c.DisableCurator,
+		Protocols: protos, MeshedKey: c.MeshedKey, Resync: c.Resync.Duration,
+		Logger: log.With("source", "zookeeper"),
+	})
+}
+
 // registrars builds the reverse registrations of mesh services into the sources that ask for them.
 func (c *Config) registrars(log *slog.Logger) ([]io.Closer, error) {
 	var out []io.Closer
 	for i, s := range c.Sources {
-		if !s.RegisterMeshServices || len(c.MeshServices) == 0 {
+		if !s.RegisterMeshServices || len(c.MeshServices) == 0 || s.Consul == nil {
 			continue
 		}
 		token, err := readSecret(s.Consul.TokenFile)

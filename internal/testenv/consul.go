@@ -44,6 +44,9 @@ func StartConsulIn(env *Env, d Deps) (*Consul, error) {
 	// fixed defaults, so those get free ports too.
 	cfg := map[string]any{
 		"disable_update_check": true,
+		// One blocking query per watched service: large catalogs need more than the default
+		// 200 concurrent connections from one client.
+		"limits": map[string]int{"http_max_conns_per_client": 30000},
 		"ports": map[string]int{
 			"http":     httpPort,
 			"https":    -1,

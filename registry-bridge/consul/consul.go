@@ -44,7 +44,10 @@ type Config struct {
 	WaitTime time.Duration
 	// Debounce is the quiet period before a snapshot is published (default 50ms).
 	Debounce time.Duration
-	Logger   *slog.Logger
+	// InitialSync bounds how long the first snapshot waits for every service's first health
+	// answer (default 30s); services still unanswered then join when they answer.
+	InitialSync time.Duration
+	Logger      *slog.Logger
 }
 
 func (c *Config) validate() error {
@@ -62,6 +65,9 @@ func (c *Config) validate() error {
 	}
 	if c.Debounce <= 0 {
 		c.Debounce = 50 * time.Millisecond
+	}
+	if c.InitialSync <= 0 {
+		c.InitialSync = 30 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -167,30 +173,60 @@ func (w *Watcher) Run(ctx context.Context, publish func([]model.Service)) error 
 	debounce := time.NewTimer(time.Hour)
 	debounce.Stop()
 	defer debounce.Stop()
-	var last []model.Service
+	initialDeadline := time.NewTimer(w.cfg.InitialSync)
+	defer initialDeadline.Stop()
+	var (
+		last       []model.Service
+		published  bool
+		expired    bool      // InitialSync has passed
+		firstDirty time.Time // first change not yet published; zero when none
+	)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-st.changed:
-			debounce.Reset(w.cfg.Debounce)
+			// Quiet period after each change, but never more than 20 of them after the first
+			// unpublished change, so a steady stream of edits still gets published.
+			if firstDirty.IsZero() {
+				firstDirty = time.Now()
+			}
+			if time.Since(firstDirty) < 20*w.cfg.Debounce {
+				debounce.Reset(w.cfg.Debounce)
+			}
+			continue
 		case <-debounce.C:
-			st.mu.Lock()
-			ready := st.listed && len(st.pending) == 0
-			var snap []model.Service
-			if ready {
-				snap = w.snapshot(st.instances)
-			}
-			st.mu.Unlock()
-			if !ready {
-				continue // a partial view is never published
-			}
-			if last != nil && equalServices(last, snap) {
+		case <-initialDeadline.C:
+			expired = true
+			if published {
 				continue
 			}
-			last = snap
-			publish(snap)
 		}
+		st.mu.Lock()
+		// The first snapshot waits for every service's first health answer (a partial first
+		// view would remove services from the mesh), up to InitialSync; after that a new
+		// service simply joins once its first answer arrives.
+		ready := st.listed && (published || len(st.pending) == 0 || expired)
+		var snap []model.Service
+		var missing int
+		if ready {
+			snap = w.snapshot(st.instances)
+			missing = len(st.pending)
+		}
+		st.mu.Unlock()
+		if !ready {
+			continue
+		}
+		firstDirty = time.Time{}
+		if !published && missing > 0 {
+			w.cfg.Logger.Warn("consul: publishing without services whose health never answered", "pending", missing,
+				"fix", "if many services are watched, raise limits.http_max_conns_per_client on the Consul agent above the service count")
+		}
+		if last != nil && equalServices(last, snap) {
+			continue
+		}
+		last, published = snap, true
+		publish(snap)
 	}
 }
 
