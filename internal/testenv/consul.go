@@ -46,7 +46,7 @@ func StartConsulIn(env *Env, d Deps) (*Consul, error) {
 		"disable_update_check": true,
 		// One blocking query per watched service: large catalogs need more than the default
 		// 200 concurrent connections from one client.
-		"limits": map[string]int{"http_max_conns_per_client": 30000},
+		"limits": map[string]int{"http_max_conns_per_client": 15000},
 		"ports": map[string]int{
 			"http":     httpPort,
 			"https":    -1,
