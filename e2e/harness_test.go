@@ -72,9 +72,15 @@ type xdsDaemon struct {
 
 func startXDS(t *testing.T, consulAddr string) *xdsDaemon {
 	t.Helper()
+	return startXDSWith(t, "-consul", consulAddr)
+}
+
+// startXDSWith runs meshturbo-xds with the given source flags (-consul, -zookeeper, -eureka, -config).
+func startXDSWith(t *testing.T, sourceFlags ...string) *xdsDaemon {
+	t.Helper()
 	d := &xdsDaemon{MCPAddr: freeAddr(t), AdminAddr: freeAddr(t)}
-	cmd := exec.Command(filepath.Join(binDir, "meshturbo-xds"),
-		"-listen", d.MCPAddr, "-admin", d.AdminAddr, "-consul", consulAddr, "-log-level", "debug")
+	args := append([]string{"-listen", d.MCPAddr, "-admin", d.AdminAddr, "-log-level", "debug"}, sourceFlags...)
+	cmd := exec.Command(filepath.Join(binDir, "meshturbo-xds"), args...)
 	d.Process = testenv.Start(t, "meshturbo-xds", cmd, httpOK("http://"+d.AdminAddr+"/readyz"), 30*time.Second)
 	return d
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/meshturbo/meshturbo/model"
 	bridge "github.com/meshturbo/meshturbo/registry-bridge"
 	"github.com/meshturbo/meshturbo/registry-bridge/consul"
+	"github.com/meshturbo/meshturbo/registry-bridge/eureka"
 	"github.com/meshturbo/meshturbo/registry-bridge/zookeeper"
 )
 
@@ -75,6 +77,7 @@ type IstioConfig struct {
 type SourceConfig struct {
 	Consul         *ConsulConfig    `yaml:"consul"`
 	ZooKeeper      *ZooKeeperConfig `yaml:"zookeeper"`
+	Eureka         *EurekaConfig    `yaml:"eureka"`
 	Include        []string         `yaml:"include"`
 	Exclude        []string         `yaml:"exclude"`
 	IstioNamespace string           `yaml:"istioNamespace"`
@@ -107,6 +110,15 @@ type ZooKeeperConfig struct {
 	Protocols      map[string]string `yaml:"protocols"` // Dubbo URL protocol → http, grpc, tcp, …
 	MeshedKey      string            `yaml:"meshedKey"`
 	Resync         Duration          `yaml:"resync"`
+}
+
+// EurekaConfig is a Eureka source.
+type EurekaConfig struct {
+	// URLs are Eureka base URLs, e.g. http://eureka:8761/eureka; tried in turn.
+	URLs          []string `yaml:"urls"`
+	Domain        string   `yaml:"domain"`
+	MeshedMetaKey string   `yaml:"meshedMetaKey"`
+	PollInterval  Duration `yaml:"pollInterval"`
 }
 
 // TLSConfig is client TLS to a registry.
@@ -199,22 +211,39 @@ func (c *Config) validate() error {
 	}
 	for i, s := range c.Sources {
 		at := fmt.Sprintf("sources[%d]", i)
+		blocks := 0
+		for _, set := range []bool{s.Consul != nil, s.ZooKeeper != nil, s.Eureka != nil} {
+			if set {
+				blocks++
+			}
+		}
+		if blocks != 1 {
+			errs = append(errs, fmt.Errorf("%s: needs exactly one registry block (consul, zookeeper or eureka)", at))
+			continue
+		}
 		switch {
-		case s.Consul != nil && s.ZooKeeper == nil:
+		case s.Consul != nil:
 			field(at+".consul.address", checkHostPort(s.Consul.Address))
 			if s.Consul.TokenFile != "" {
 				_, err := os.Stat(s.Consul.TokenFile)
 				field(at+".consul.tokenFile", err)
 			}
-		case s.ZooKeeper != nil && s.Consul == nil:
+		case s.ZooKeeper != nil:
 			if len(s.ZooKeeper.Servers) == 0 {
 				errs = append(errs, fmt.Errorf("%s.zookeeper.servers: at least one host:port is required", at))
 			}
-			if s.RegisterMeshServices {
-				errs = append(errs, fmt.Errorf("%s.registerMeshServices: not supported for zookeeper yet (consul only)", at))
+		case s.Eureka != nil:
+			if len(s.Eureka.URLs) == 0 {
+				errs = append(errs, fmt.Errorf("%s.eureka.urls: at least one URL is required", at))
 			}
-		default:
-			errs = append(errs, fmt.Errorf("%s: needs exactly one registry block (consul or zookeeper)", at))
+			for j, u := range s.Eureka.URLs {
+				if pu, err := url.Parse(u); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
+					errs = append(errs, fmt.Errorf("%s.eureka.urls[%d]: %q is not an http(s) URL", at, j, u))
+				}
+			}
+		}
+		if s.RegisterMeshServices && s.Consul == nil {
+			errs = append(errs, fmt.Errorf("%s.registerMeshServices: supported for consul sources only so far", at))
 		}
 	}
 	return errors.Join(errs...)
@@ -263,6 +292,10 @@ func (c *Config) watchers(log *slog.Logger) ([]bridge.Watcher, error) {
 			w, err = s.Consul.watcher(log)
 		case s.ZooKeeper != nil:
 			w, err = s.ZooKeeper.watcher(log)
+		case s.Eureka != nil:
+			w, err = eureka.New(eureka.Config{URLs: s.Eureka.URLs, Domain: s.Eureka.Domain,
+				MeshedMetaKey: s.Eureka.MeshedMetaKey, PollInterval: s.Eureka.PollInterval.Duration,
+				Logger: log.With("source", "eureka")})
 		}
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", at, err)

@@ -21,6 +21,8 @@ retention: 2m
 sources:
 - consul: {address: 127.0.0.1:8500, tokenFile: ` + token + `}
   include: ["*.service.consul"]
+- zookeeper: {servers: [127.0.0.1:2181]}
+- eureka: {urls: [http://127.0.0.1:8761/eureka]}
 `
 	c, err := ParseConfig([]byte(raw), "test.yaml")
 	if err != nil {
@@ -31,7 +33,7 @@ sources:
 		t.Fatalf("config = %+v", c)
 	}
 	ws, err := c.watchers(discard())
-	if err != nil || len(ws) != 1 {
+	if err != nil || len(ws) != 3 {
 		t.Fatalf("watchers = %v, %v", ws, err)
 	}
 }
@@ -40,7 +42,10 @@ func TestParseConfigNamesTheBadField(t *testing.T) {
 	for _, tc := range []struct{ raw, want string }{
 		{"sources: []", "sources: at least one registry is required"},
 		{"sources:\n- consul: {}", "sources[0].consul.address: required"},
-		{"sources:\n- {}", "sources[0]: no registry block"},
+		{"sources:\n- {}", "sources[0]: needs exactly one registry block"},
+		{"sources:\n- {eureka: {urls: [ftp://x]}}", "sources[0].eureka.urls[0]"},
+		{"sources:\n- {zookeeper: {}}", "sources[0].zookeeper.servers"},
+		{"sources:\n- {zookeeper: {servers: [a:1]}, consul: {address: a:1}}", "exactly one registry block"},
 		{"sources:\n- consul: {adress: x:1}", "field adress not found"},
 		{"retention: soon\nsources:\n- consul: {address: a:1}", `"soon" is not a duration`},
 		{"istio: {vipRange: 300.0.0.0/8}\nsources:\n- consul: {address: a:1}", "istio.vipRange"},

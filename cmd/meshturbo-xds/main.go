@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -29,6 +30,8 @@ type args struct {
 	listen    string
 	adminAddr string
 	consul    string
+	zookeeper string
+	eureka    string
 	namespace string
 	logLevel  string
 }
@@ -39,6 +42,8 @@ func main() {
 	flag.StringVar(&a.listen, "listen", "127.0.0.1:15050", "xDS (MCP) listen address istiod connects to")
 	flag.StringVar(&a.adminAddr, "admin", "127.0.0.1:15051", "admin API address (loopback)")
 	flag.StringVar(&a.consul, "consul", "", "Consul HTTP address to bridge, e.g. 127.0.0.1:8500")
+	flag.StringVar(&a.zookeeper, "zookeeper", "", "ZooKeeper servers to bridge (Dubbo and Curator layouts), host:port[,host:port]")
+	flag.StringVar(&a.eureka, "eureka", "", "Eureka base URL to bridge, e.g. http://127.0.0.1:8761/eureka")
 	flag.StringVar(&a.namespace, "namespace", "meshturbo-system", "Istio namespace of the generated ServiceEntries")
 	flag.StringVar(&a.logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.Parse()
@@ -62,11 +67,19 @@ func (a args) loadConfig() (*Config, error) {
 	if a.config != "" {
 		return LoadConfig(a.config)
 	}
-	if a.consul == "" {
-		return nil, errors.New("no registry configured: pass -config <file> or -consul <host:port>")
+	c := &Config{Listen: a.listen, Admin: AdminConfig{Listen: a.adminAddr}, Istio: IstioConfig{Namespace: a.namespace}}
+	if a.consul != "" {
+		c.Sources = append(c.Sources, SourceConfig{Consul: &ConsulConfig{Address: a.consul}})
 	}
-	c := &Config{Listen: a.listen, Admin: AdminConfig{Listen: a.adminAddr}, Istio: IstioConfig{Namespace: a.namespace},
-		Sources: []SourceConfig{{Consul: &ConsulConfig{Address: a.consul}}}}
+	if a.zookeeper != "" {
+		c.Sources = append(c.Sources, SourceConfig{ZooKeeper: &ZooKeeperConfig{Servers: strings.Split(a.zookeeper, ",")}})
+	}
+	if a.eureka != "" {
+		c.Sources = append(c.Sources, SourceConfig{Eureka: &EurekaConfig{URLs: []string{a.eureka}}})
+	}
+	if len(c.Sources) == 0 {
+		return nil, errors.New("no registry configured: pass -config <file>, or -consul, -zookeeper and/or -eureka")
+	}
 	c.defaults()
 	if err := c.validate(); err != nil {
 		return nil, fmt.Errorf("flags: %w", err)
