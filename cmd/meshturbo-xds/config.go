@@ -242,8 +242,8 @@ func (c *Config) validate() error {
 				}
 			}
 		}
-		if s.RegisterMeshServices && s.Consul == nil {
-			errs = append(errs, fmt.Errorf("%s.registerMeshServices: supported for consul sources only so far", at))
+		if s.RegisterMeshServices && s.ZooKeeper != nil {
+			errs = append(errs, fmt.Errorf("%s.registerMeshServices: not supported for zookeeper yet (consul and eureka are)", at))
 		}
 	}
 	return errors.Join(errs...)
@@ -344,20 +344,32 @@ func (c *ZooKeeperConfig) watcher(log *slog.Logger) (bridge.Watcher, error) {
 func (c *Config) registrars(log *slog.Logger) ([]io.Closer, error) {
 	var out []io.Closer
 	for i, s := range c.Sources {
-		if !s.RegisterMeshServices || len(c.MeshServices) == 0 || s.Consul == nil {
+		if !s.RegisterMeshServices || len(c.MeshServices) == 0 {
 			continue
 		}
-		token, err := readSecret(s.Consul.TokenFile)
-		if err != nil {
-			return out, fmt.Errorf("sources[%d].consul.tokenFile: %w", i, err)
+		var r io.Closer
+		var err error
+		switch {
+		case s.Consul != nil:
+			var token string
+			if token, err = readSecret(s.Consul.TokenFile); err != nil {
+				return out, fmt.Errorf("sources[%d].consul.tokenFile: %w", i, err)
+			}
+			var svcs []consul.MeshService
+			for _, m := range c.MeshServices {
+				svcs = append(svcs, consul.MeshService{Name: m.Name, Address: m.Address, Port: m.Port,
+					Protocol: m.Protocol, HealthHTTP: m.HealthHTTP, Meta: m.Meta})
+			}
+			r, err = consul.NewRegistrar(consul.RegistrarConfig{Address: s.Consul.Address, Datacenter: s.Consul.Datacenter,
+				Token: token, Services: svcs, Logger: log.With("source", "consul", "component", "reverse")})
+		case s.Eureka != nil:
+			var svcs []eureka.MeshService
+			for _, m := range c.MeshServices {
+				svcs = append(svcs, eureka.MeshService{App: m.Name, Address: m.Address, Port: m.Port, Protocol: m.Protocol, Meta: m.Meta})
+			}
+			r, err = eureka.NewRegistrar(eureka.RegistrarConfig{URL: s.Eureka.URLs[0], Services: svcs,
+				Logger: log.With("source", "eureka", "component", "reverse")})
 		}
-		var svcs []consul.MeshService
-		for _, m := range c.MeshServices {
-			svcs = append(svcs, consul.MeshService{Name: m.Name, Address: m.Address, Port: m.Port,
-				Protocol: m.Protocol, HealthHTTP: m.HealthHTTP, Meta: m.Meta})
-		}
-		r, err := consul.NewRegistrar(consul.RegistrarConfig{Address: s.Consul.Address, Datacenter: s.Consul.Datacenter,
-			Token: token, Services: svcs, Logger: log.With("source", "consul", "component", "reverse")})
 		if err != nil {
 			return out, fmt.Errorf("sources[%d]: %w", i, err)
 		}

@@ -109,6 +109,9 @@ func (r *registry) services(m mapping) ([]model.Service, []model.Skipped) {
 		var up, usable []endpoint
 		for _, id := range slices.Sorted(maps.Keys(insts)) {
 			in := insts[id]
+			if in.Metadata[ReverseMetaKey] == "true" {
+				continue // a mesh service meshturbo registered: never imported back
+			}
 			ep, reason := m.endpoint(in)
 			if in.Status == statusUp {
 				for range in.Dupes {
