@@ -2,8 +2,12 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"net/url"
 	"strings"
 	"testing"
@@ -86,4 +90,106 @@ func TestEveryRegistryThroughIstiodAndEnvoy(t *testing.T) {
 		}
 		t.Logf("%s answered %s after the sidecar was ready", c.target, took)
 	}
+}
+
+// TestReverseRegistrationThroughTheDaemon configures meshturbo-xds to register a mesh service
+// into Consul and Eureka: non-mesh callers that read only one of them reach it, and it is gone
+// from both when meshturbo-xds stops.
+func TestReverseRegistrationThroughTheDaemon(t *testing.T) {
+	testenv.RequireDeps(t)
+	consul := testenv.StartConsul(t)
+	eureka := testenv.StartEureka(t)
+	host, port := startHTTPServer(t, "mesh greeter")
+	cfg := fmt.Sprintf(`
+sources:
+- consul: {address: %s}
+  registerMeshServices: true
+- eureka: {urls: [%s]}
+  registerMeshServices: true
+meshServices:
+- {name: greeter, address: %s, port: %d, protocol: http}
+`, consul.HTTPAddr, eureka.URL, host, port)
+	path := filepath.Join(t.TempDir(), "meshturbo-xds.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mt := startXDSWith(t, "-config", path)
+	cc := consulClient(t, consul.HTTPAddr)
+
+	callVia := func(registry string, lookup func() (string, error)) {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		var last error
+		for time.Now().Before(deadline) {
+			addr, err := lookup()
+			if err == nil {
+				resp, err := http.Get("http://" + addr + "/")
+				if err == nil {
+					b, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if strings.Contains(string(b), "mesh greeter") {
+						return
+					}
+				}
+				last = err
+			} else {
+				last = err
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		t.Fatalf("a non-mesh client reading only %s never reached greeter: %v", registry, last)
+	}
+	consulLookup := func() (string, error) {
+		entries, _, err := cc.Health().Service("greeter", "", true, nil)
+		if err != nil || len(entries) == 0 {
+			return "", fmt.Errorf("no passing greeter in consul (%v)", err)
+		}
+		return fmt.Sprintf("%s:%d", entries[0].Service.Address, entries[0].Service.Port), nil
+	}
+	eurekaLookup := func() (string, error) { return eurekaUpInstance(eureka.URL, "GREETER") }
+	callVia("consul", consulLookup)
+	callVia("eureka", eurekaLookup)
+
+	if err := mt.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := consulLookup(); err == nil {
+		t.Error("greeter still in consul after meshturbo-xds stopped")
+	}
+	if _, err := eurekaLookup(); err == nil {
+		t.Error("greeter still in eureka after meshturbo-xds stopped")
+	}
+}
+
+func eurekaUpInstance(base, app string) (string, error) {
+	req, _ := http.NewRequest(http.MethodGet, base+"/apps/"+app, nil)
+	req.Header.Set("Accept", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return "", fmt.Errorf("GET /apps/%s: %s", app, resp.Status)
+	}
+	var doc struct {
+		Application struct {
+			Instance []struct {
+				IPAddr string `json:"ipAddr"`
+				Status string `json:"status"`
+				Port   struct {
+					N int `json:"$"`
+				} `json:"port"`
+			} `json:"instance"`
+		} `json:"application"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		return "", err
+	}
+	for _, in := range doc.Application.Instance {
+		if in.Status == "UP" {
+			return fmt.Sprintf("%s:%d", in.IPAddr, in.Port.N), nil
+		}
+	}
+	return "", fmt.Errorf("no UP instance of %s in eureka", app)
 }

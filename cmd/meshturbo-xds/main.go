@@ -26,6 +26,7 @@ import (
 )
 
 type args struct {
+	set       map[string]bool // flags given on the command line; they override the file
 	config    string
 	listen    string
 	adminAddr string
@@ -47,6 +48,8 @@ func main() {
 	flag.StringVar(&a.namespace, "namespace", "meshturbo-system", "Istio namespace of the generated ServiceEntries")
 	flag.StringVar(&a.logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.Parse()
+	a.set = map[string]bool{}
+	flag.Visit(func(f *flag.Flag) { a.set[f.Name] = true })
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(a.logLevel)); err != nil {
@@ -65,7 +68,17 @@ func main() {
 // config returns the configuration: the file when -config is given, else one built from flags.
 func (a args) loadConfig() (*Config, error) {
 	if a.config != "" {
-		return LoadConfig(a.config)
+		c, err := LoadConfig(a.config)
+		if err != nil {
+			return nil, err
+		}
+		if a.set["listen"] {
+			c.Listen = a.listen
+		}
+		if a.set["admin"] {
+			c.Admin.Listen = a.adminAddr
+		}
+		return c, nil
 	}
 	c := &Config{Listen: a.listen, Admin: AdminConfig{Listen: a.adminAddr}, Istio: IstioConfig{Namespace: a.namespace}}
 	if a.consul != "" {

@@ -320,6 +320,8 @@ func (w *Watcher) watchHealth(ctx context.Context, st *state, name string) {
 	}
 }
 
+func isOwn(e *api.ServiceEntry) bool { return e.Service.Meta[ReverseMetaKey] == "true" }
+
 // NextIndex applies Consul's rules for blocking-query indexes: an index that goes backwards
 // (a snapshot restore, a new leader with an older raft log) resets the watch to 0 so the next
 // query returns at once with the full current state; an index of 0 is treated as 1 so the
@@ -340,12 +342,13 @@ func (w *Watcher) snapshot(instances map[string][]*api.ServiceEntry) []model.Ser
 	for name, entries := range instances {
 		// Instances meshturbo registered itself are mesh services: importing them back
 		// would loop them into the mesh as if they were outside it.
-		own := slices.ContainsFunc(entries, func(e *api.ServiceEntry) bool { return e.Service.Meta[ReverseMetaKey] == "true" })
-		if own {
-			entries = slices.DeleteFunc(slices.Clone(entries), func(e *api.ServiceEntry) bool { return e.Service.Meta[ReverseMetaKey] == "true" })
-			if len(entries) == 0 {
-				continue
-			}
+		if slices.ContainsFunc(entries, isOwn) {
+			entries = slices.DeleteFunc(slices.Clone(entries), isOwn)
+		}
+		// With no passing instance the port is unknown: the service is left out, and the
+		// bridge keeps serving it with no endpoints for its retention time.
+		if len(entries) == 0 {
+			continue
 		}
 		out = append(out, w.toService(name, entries))
 	}
