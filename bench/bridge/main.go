@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,6 +25,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/go-zookeeper/zk"
 	"github.com/hashicorp/consul/api"
 
 	"github.com/meshturbo/meshturbo/internal/testenv"
@@ -70,19 +72,42 @@ func run(env *testenv.Env, o options) error {
 	if err != nil {
 		return err
 	}
+	zkSrv, err := testenv.StartZooKeeperIn(env, deps)
+	if err != nil {
+		return err
+	}
+	eurekaSrv, err := testenv.StartEurekaIn(env, deps)
+	if err != nil {
+		return err
+	}
 	cfg := api.DefaultConfig()
 	cfg.Address = consul.HTTPAddr
 	cc, err := api.NewClient(cfg)
 	if err != nil {
 		return err
 	}
+	zc, _, err := zk.Connect([]string{zkSrv.Addr}, 10*time.Second, zk.WithLogInfo(false))
+	if err != nil {
+		return err
+	}
+	defer zc.Close()
 	ports, err := freePorts(4)
 	if err != nil {
 		return err
 	}
 	mcp, admin, envoyAdmin, upAdmin := addr(ports[0]), addr(ports[1]), addr(ports[2]), addr(ports[3])
+	cfgPath := filepath.Join(env.Dir(), "meshturbo-xds.yaml")
+	if err := os.WriteFile(cfgPath, []byte(fmt.Sprintf(`listen: %s
+admin: {listen: %s}
+sources:
+- consul: {address: %s}
+- zookeeper: {servers: [%s]}
+- eureka: {urls: [%s], pollInterval: 250ms}
+`, mcp, admin, consul.HTTPAddr, zkSrv.Addr, eurekaSrv.URL)), 0o644); err != nil {
+		return err
+	}
 	xdsProc, err := testenv.StartIn(env, "meshturbo-xds", exec.Command(filepath.Join(bin, "meshturbo-xds"),
-		"-listen", mcp, "-admin", admin, "-consul", consul.HTTPAddr, "-log-level", "warn"),
+		"-config", cfgPath, "-log-level", "warn"),
 		testenv.HTTPProbe("http://"+admin+"/readyz", nil), 30*time.Second)
 	if err != nil {
 		return err
@@ -98,42 +123,59 @@ func run(env *testenv.Env, o options) error {
 		return err
 	}
 
-	// Propagation: each edit adds (or, every other time, removes) one instance of "bench";
-	// done when Envoy's cluster for it has the new member count.
-	const port = 18000
-	cluster := fmt.Sprintf("cluster.outbound|%d||bench.service.consul.membership_total", port)
-	register := func(i int) error {
-		return cc.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: fmt.Sprintf("bench-%d", i), Name: "bench",
-			Address: fmt.Sprintf("127.1.%d.%d", i/250, i%250+1), Port: port, Meta: map[string]string{"protocol": "http"}})
+	ip := func(r, i int) string { return fmt.Sprintf("127.%d.%d.%d", 10+r, i/250, i%250+1) }
+	registries := []struct {
+		name, host string
+		port       int
+		add        func(i int) error
+		remove     func(i int) error
+	}{
+		{"consul", "bench.service.consul", 18000,
+			func(i int) error {
+				return cc.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: fmt.Sprintf("bench-%d", i), Name: "bench",
+					Address: ip(0, i), Port: 18000, Meta: map[string]string{"protocol": "http"}})
+			},
+			func(i int) error { return cc.Agent().ServiceDeregister(fmt.Sprintf("bench-%d", i)) }},
+		{"zk", "org.bench.benchservice.dubbo", 18001,
+			func(i int) error { return dubboProvider(zc, ip(1, i), 18001, true) },
+			func(i int) error { return dubboProvider(zc, ip(1, i), 18001, false) }},
+		{"eureka", "bench.eureka", 18002,
+			func(i int) error { return eurekaInstance(eurekaSrv.URL, i, ip(2, i), 18002, true) },
+			func(i int) error { return eurekaInstance(eurekaSrv.URL, i, ip(2, i), 18002, false) }},
 	}
-	if err := register(0); err != nil {
-		return err
-	}
-	if _, err := awaitStat(envoyAdmin, cluster, 1, 60*time.Second); err != nil {
-		return fmt.Errorf("first instance never reached Envoy: %w", err)
-	}
-	var lat []time.Duration
-	members := 1
-	for i := 1; i <= o.edits; i++ {
-		start := time.Now()
-		if i%2 == 1 {
-			err = register(i)
-			members++
-		} else {
-			err = cc.Agent().ServiceDeregister(fmt.Sprintf("bench-%d", i-1))
-			members--
+	p99s := map[string]time.Duration{}
+	for _, reg := range registries {
+		// Istio names the cluster's stats "outbound|<port>||<host>;" (its observability name).
+		stat := fmt.Sprintf("cluster.outbound|%d||%s;.membership_total", reg.port, reg.host)
+		if err := reg.add(0); err != nil {
+			return fmt.Errorf("%s: %w", reg.name, err)
 		}
-		if err != nil {
-			return err
+		if _, err := awaitStat(envoyAdmin, stat, 1, 60*time.Second); err != nil {
+			return fmt.Errorf("%s: the first instance never reached Envoy: %w", reg.name, err)
 		}
-		if _, err := awaitStat(envoyAdmin, cluster, members, 10*time.Second); err != nil {
-			return fmt.Errorf("edit %d: %w", i, err)
+		// Each edit adds (odd) or removes (even) one instance; done when Envoy's cluster
+		// has the new member count.
+		var lat []time.Duration
+		members := 1
+		for i := 1; i <= o.edits; i++ {
+			start := time.Now()
+			if i%2 == 1 {
+				err, members = reg.add(i), members+1
+			} else {
+				err, members = reg.remove(i-1), members-1
+			}
+			if err != nil {
+				return fmt.Errorf("%s edit %d: %w", reg.name, i, err)
+			}
+			if _, err := awaitStat(envoyAdmin, stat, members, 10*time.Second); err != nil {
+				return fmt.Errorf("%s edit %d: %w", reg.name, i, err)
+			}
+			lat = append(lat, time.Since(start))
 		}
-		lat = append(lat, time.Since(start))
+		p99s[reg.name] = percentile(lat, 99)
+		fmt.Printf("%s propagation (registry write → Envoy endpoint), %d edits: p50=%s p99=%s max=%s\n", reg.name,
+			len(lat), percentile(lat, 50).Round(time.Millisecond), p99s[reg.name].Round(time.Millisecond), slices.Max(lat).Round(time.Millisecond))
 	}
-	p50, p99 := percentile(lat, 50), percentile(lat, 99)
-	fmt.Printf("consul propagation (registry write → Envoy endpoint), %d edits: p50=%s p99=%s max=%s\n",
-		len(lat), p50.Round(time.Millisecond), p99.Round(time.Millisecond), slices.Max(lat).Round(time.Millisecond))
 
 	// Scale.
 	fmt.Printf("scale: loading %d services / %d instances into Consul ...\n", o.services, o.instances)
@@ -145,7 +187,7 @@ func run(env *testenv.Env, o options) error {
 	pid := xdsProc.Pid()
 	cpu0, wall0 := cpuSeconds(pid), time.Now()
 	syncStart := time.Now()
-	want := o.services + 1 // + bench
+	want := o.services + len(registries) // + the bench services
 	if err := awaitServiceEntries(admin, want, 10*time.Minute); err != nil {
 		return err
 	}
@@ -154,10 +196,6 @@ func run(env *testenv.Env, o options) error {
 		want, time.Since(syncStart).Round(time.Millisecond), syncCPU)
 
 	// Steady state: one edit every 100ms for 10s, then idle for 10s.
-	before, err := serviceEntryVersions(admin)
-	if err != nil {
-		return err
-	}
 	cpu0, wall0 = cpuSeconds(pid), time.Now()
 	for i := range 100 {
 		svc := i % o.services
@@ -182,7 +220,6 @@ func run(env *testenv.Env, o options) error {
 	if err != nil {
 		return err
 	}
-	_ = before
 	if err := cc.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "one-edit", Name: "svc-1",
 		Address: "10.201.0.1", Port: 8080}); err != nil {
 		return err
@@ -202,8 +239,8 @@ func run(env *testenv.Env, o options) error {
 	}
 	fmt.Printf("scale: steady CPU %.2f cores (10 edits/s), idle CPU %.3f cores, RSS %d MiB, one edit changed %d ServiceEntries\n",
 		steadyCPU, idleCPU, rss, changed)
-	fmt.Printf("bench-bridge: consul_p99_ms=%d zk_p99_ms=NA eureka_p99_ms=NA cpu_cores=%.2f rss_mib=%d changed_per_edit=%d\n",
-		p99.Milliseconds(), steadyCPU, rss, changed)
+	fmt.Printf("bench-bridge: consul_p99_ms=%d zk_p99_ms=%d eureka_p99_ms=%d cpu_cores=%.2f rss_mib=%d changed_per_edit=%d\n",
+		p99s["consul"].Milliseconds(), p99s["zk"].Milliseconds(), p99s["eureka"].Milliseconds(), steadyCPU, rss, changed)
 	return nil
 }
 
@@ -300,7 +337,7 @@ func awaitStat(envoyAdmin, stat string, want int, within time.Duration) (time.Du
 }
 
 func regexpQuote(s string) string {
-	r := strings.NewReplacer(".", `\.`, "|", `\|`)
+	r := strings.NewReplacer(".", `\.`, "|", `\|`, ";", `;`)
 	return "^" + r.Replace(s) + "$"
 }
 
@@ -370,4 +407,48 @@ func percentile(d []time.Duration, p int) time.Duration {
 	slices.Sort(s)
 	i := (len(s)*p + 99) / 100
 	return s[max(0, min(len(s)-1, i-1))]
+}
+
+// dubboProvider creates or deletes a Dubbo REST provider node for org.bench.BenchService.
+func dubboProvider(c *zk.Conn, ip string, port int, create bool) error {
+	const iface = "org.bench.BenchService"
+	dir := "/dubbo/" + iface + "/providers"
+	node := dir + "/" + url.QueryEscape(fmt.Sprintf("rest://%s:%d/%s?interface=%s&side=provider", ip, port, iface, iface))
+	if !create {
+		return c.Delete(node, -1)
+	}
+	path := ""
+	for _, p := range strings.Split(strings.TrimPrefix(dir, "/"), "/") {
+		path += "/" + p
+		if _, err := c.Create(path, nil, 0, zk.WorldACL(zk.PermAll)); err != nil && !errors.Is(err, zk.ErrNodeExists) {
+			return err
+		}
+	}
+	_, err := c.Create(node, nil, 0, zk.WorldACL(zk.PermAll))
+	return err
+}
+
+// eurekaInstance registers or cancels instance i of app BENCH.
+func eurekaInstance(base string, i int, ip string, port int, register bool) error {
+	id := fmt.Sprintf("bench-%d", i)
+	var req *http.Request
+	if register {
+		body := fmt.Sprintf(`{"instance":{"instanceId":"%s","hostName":"%s","app":"BENCH","ipAddr":"%s","status":"UP",
+			"port":{"$":%d,"@enabled":"true"},"securePort":{"$":443,"@enabled":"false"},"vipAddress":"bench",
+			"dataCenterInfo":{"@class":"com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo","name":"MyOwn"},
+			"leaseInfo":{"renewalIntervalInSecs":3600,"durationInSecs":36000},"metadata":{"protocol":"http"}}}`, id, ip, ip, port)
+		req, _ = http.NewRequest(http.MethodPost, base+"/apps/BENCH", strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+	} else {
+		req, _ = http.NewRequest(http.MethodDelete, base+"/apps/BENCH/"+id, nil)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		return fmt.Errorf("eureka %s %s: %s", req.Method, req.URL.Path, resp.Status)
+	}
+	return nil
 }
