@@ -16,7 +16,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,7 +24,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/go-zookeeper/zk"
 	"github.com/hashicorp/consul/api"
 
 	"github.com/meshturbo/meshturbo/internal/testenv"
@@ -86,11 +84,6 @@ func run(env *testenv.Env, o options) error {
 	if err != nil {
 		return err
 	}
-	zc, _, err := zk.Connect([]string{zkSrv.Addr}, 10*time.Second, zk.WithLogInfo(false))
-	if err != nil {
-		return err
-	}
-	defer zc.Close()
 	ports, err := freePorts(4)
 	if err != nil {
 		return err
@@ -137,11 +130,19 @@ sources:
 			},
 			func(i int) error { return cc.Agent().ServiceDeregister(fmt.Sprintf("bench-%d", i)) }},
 		{"zk", "org.bench.benchservice.dubbo", 18001,
-			func(i int) error { return dubboProvider(zc, ip(1, i), 18001, true) },
-			func(i int) error { return dubboProvider(zc, ip(1, i), 18001, false) }},
+			func(i int) error {
+				return testenv.DubboProvider(zkSrv.Addr, "org.bench.BenchService", "rest", ip(1, i), 18001, false)
+			},
+			func(i int) error {
+				return testenv.DubboProvider(zkSrv.Addr, "org.bench.BenchService", "rest", ip(1, i), 18001, true)
+			}},
 		{"eureka", "bench.eureka", 18002,
-			func(i int) error { return eurekaInstance(eurekaSrv.URL, i, ip(2, i), 18002, true) },
-			func(i int) error { return eurekaInstance(eurekaSrv.URL, i, ip(2, i), 18002, false) }},
+			func(i int) error {
+				return testenv.EurekaInstance(eurekaSrv.URL, "BENCH", fmt.Sprint("bench-", i), ip(2, i), 18002, false)
+			},
+			func(i int) error {
+				return testenv.EurekaInstance(eurekaSrv.URL, "BENCH", fmt.Sprint("bench-", i), ip(2, i), 18002, true)
+			}},
 	}
 	p99s := map[string]time.Duration{}
 	for _, reg := range registries {
@@ -407,48 +408,4 @@ func percentile(d []time.Duration, p int) time.Duration {
 	slices.Sort(s)
 	i := (len(s)*p + 99) / 100
 	return s[max(0, min(len(s)-1, i-1))]
-}
-
-// dubboProvider creates or deletes a Dubbo REST provider node for org.bench.BenchService.
-func dubboProvider(c *zk.Conn, ip string, port int, create bool) error {
-	const iface = "org.bench.BenchService"
-	dir := "/dubbo/" + iface + "/providers"
-	node := dir + "/" + url.QueryEscape(fmt.Sprintf("rest://%s:%d/%s?interface=%s&side=provider", ip, port, iface, iface))
-	if !create {
-		return c.Delete(node, -1)
-	}
-	path := ""
-	for _, p := range strings.Split(strings.TrimPrefix(dir, "/"), "/") {
-		path += "/" + p
-		if _, err := c.Create(path, nil, 0, zk.WorldACL(zk.PermAll)); err != nil && !errors.Is(err, zk.ErrNodeExists) {
-			return err
-		}
-	}
-	_, err := c.Create(node, nil, 0, zk.WorldACL(zk.PermAll))
-	return err
-}
-
-// eurekaInstance registers or cancels instance i of app BENCH.
-func eurekaInstance(base string, i int, ip string, port int, register bool) error {
-	id := fmt.Sprintf("bench-%d", i)
-	var req *http.Request
-	if register {
-		body := fmt.Sprintf(`{"instance":{"instanceId":"%s","hostName":"%s","app":"BENCH","ipAddr":"%s","status":"UP",
-			"port":{"$":%d,"@enabled":"true"},"securePort":{"$":443,"@enabled":"false"},"vipAddress":"bench",
-			"dataCenterInfo":{"@class":"com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo","name":"MyOwn"},
-			"leaseInfo":{"renewalIntervalInSecs":3600,"durationInSecs":36000},"metadata":{"protocol":"http"}}}`, id, ip, ip, port)
-		req, _ = http.NewRequest(http.MethodPost, base+"/apps/BENCH", strings.NewReader(body))
-		req.Header.Set("Content-Type", "application/json")
-	} else {
-		req, _ = http.NewRequest(http.MethodDelete, base+"/apps/BENCH/"+id, nil)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	if resp.StatusCode >= 300 {
-		return fmt.Errorf("eureka %s %s: %s", req.Method, req.URL.Path, resp.Status)
-	}
-	return nil
 }

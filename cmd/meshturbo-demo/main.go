@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -61,9 +62,9 @@ func step(ctx context.Context, format string, args ...any) func() error {
 
 // sample is a demo service: a tiny HTTP server on its own loopback address, known only to Consul.
 type sample struct {
-	name, ip, greeting string
-	port               int
-	srv                *http.Server
+	name, registry, ip, greeting string
+	port                         int
+	srv                          *http.Server
 }
 
 func (s *sample) start() error {
@@ -95,8 +96,16 @@ func run(ctx context.Context, env *testenv.Env, callsPerService int) error {
 		return err
 	}
 
-	done = step(ctx, "starting Consul")
+	done = step(ctx, "starting Consul, ZooKeeper and Eureka")
 	consul, err := testenv.StartConsulIn(env, deps)
+	if err != nil {
+		return err
+	}
+	zkSrv, err := testenv.StartZooKeeperIn(env, deps)
+	if err != nil {
+		return err
+	}
+	eureka, err := testenv.StartEurekaIn(env, deps)
 	if err != nil {
 		return err
 	}
@@ -104,40 +113,65 @@ func run(ctx context.Context, env *testenv.Env, callsPerService int) error {
 		return err
 	}
 
+	// Services outside the mesh, each known to one registry only, and one mesh service
+	// (greeter) that non-mesh callers find through reverse registration.
 	samples := []*sample{
-		{name: "catalog", ip: "127.0.0.2", greeting: "catalog: 3 books in stock"},
-		{name: "reviews", ip: "127.0.0.3", greeting: "reviews: 5 stars"},
+		{name: "catalog", registry: "consul", ip: "127.0.0.2", greeting: "catalog: 3 books in stock"},
+		{name: "reviews", registry: "consul", ip: "127.0.0.3", greeting: "reviews: 5 stars"},
+		{name: "org.demo.PriceService", registry: "zookeeper", ip: "127.0.0.4", greeting: "prices (Dubbo REST provider): 12.50 EUR"},
+		{name: "orders", registry: "eureka", ip: "127.0.0.5", greeting: "orders (Spring Cloud app): 2 open"},
 	}
+	greeter := &sample{name: "greeter", registry: "mesh", ip: "127.0.0.6", greeting: "greeter (mesh service): hello, non-mesh caller"}
 	cfg := api.DefaultConfig()
 	cfg.Address = consul.HTTPAddr
 	cc, err := api.NewClient(cfg)
 	if err != nil {
 		return err
 	}
-	done = step(ctx, "registering %d sample HTTP services in Consul", len(samples))
-	for _, s := range samples {
+	done = step(ctx, "registering sample services: 2 in Consul, 1 Dubbo provider in ZooKeeper, 1 app in Eureka")
+	for _, s := range append(samples, greeter) {
 		if err := s.start(); err != nil {
 			return err
 		}
 		defer s.srv.Close()
-		if err := cc.Agent().ServiceRegister(&api.AgentServiceRegistration{
-			ID: s.name + "-1", Name: s.name, Address: s.ip, Port: s.port, Meta: map[string]string{"protocol": "http"},
-		}); err != nil {
-			return fmt.Errorf("register %s in consul: %w", s.name, err)
+		switch s.registry {
+		case "consul":
+			err = cc.Agent().ServiceRegister(&api.AgentServiceRegistration{
+				ID: s.name + "-1", Name: s.name, Address: s.ip, Port: s.port, Meta: map[string]string{"protocol": "http"}})
+		case "zookeeper":
+			err = testenv.DubboProvider(zkSrv.Addr, s.name, "rest", s.ip, s.port, false)
+		case "eureka":
+			err = testenv.EurekaInstance(eureka.URL, s.name, s.name+"-1", s.ip, s.port, false)
+		}
+		if err != nil {
+			return fmt.Errorf("register %s in %s: %w", s.name, s.registry, err)
 		}
 	}
 	if err := done(); err != nil {
 		return err
 	}
 
-	done = step(ctx, "starting meshturbo-xds (Consul → ServiceEntry over MCP)")
+	done = step(ctx, "starting meshturbo-xds (registries → ServiceEntry over MCP; greeter → Consul and Eureka)")
 	addrs, err := freeAddrs(4)
 	if err != nil {
 		return err
 	}
 	mcp, admin, envoyAdmin, upAdmin := addrs[0], addrs[1], addrs[2], addrs[3]
-	if _, err := testenv.StartIn(env, "meshturbo-xds", exec.Command(filepath.Join(binDir, "meshturbo-xds"),
-		"-listen", mcp, "-admin", admin, "-consul", consul.HTTPAddr),
+	cfgPath := filepath.Join(env.Dir(), "meshturbo-xds.yaml")
+	if err := os.WriteFile(cfgPath, []byte(fmt.Sprintf(`listen: %s
+admin: {listen: %s}
+sources:
+- consul: {address: %s}
+  registerMeshServices: true
+- zookeeper: {servers: [%s]}
+- eureka: {urls: [%s], pollInterval: 250ms}
+  registerMeshServices: true
+meshServices:
+- {name: greeter, address: %s, port: %d, protocol: http}
+`, mcp, admin, consul.HTTPAddr, zkSrv.Addr, eureka.URL, greeter.ip, greeter.port)), 0o644); err != nil {
+		return err
+	}
+	if _, err := testenv.StartIn(env, "meshturbo-xds", exec.Command(filepath.Join(binDir, "meshturbo-xds"), "-config", cfgPath),
 		testenv.HTTPProbe("http://"+admin+"/readyz", nil), 30*time.Second); err != nil {
 		return err
 	}
@@ -168,17 +202,35 @@ func run(ctx context.Context, env *testenv.Env, callsPerService int) error {
 	fmt.Println()
 	var rows []row
 	for _, s := range samples {
-		host := s.name + ".service.consul"
+		host := hostFor(s)
 		for i := range callsPerService {
 			r := call(ctx, host, s.port)
-			r.endpoint = fmt.Sprintf("%s:%d", s.ip, s.port)
 			if i == 0 && r.err != nil {
 				// The first call may race istiod's first push; wait for it on a deadline.
 				r = awaitFirst(ctx, host, s.port, 30*time.Second)
-				r.endpoint = fmt.Sprintf("%s:%d", s.ip, s.port)
 			}
+			r.registry, r.via, r.endpoint = s.registry, "envoy sidecar (istiod)", fmt.Sprintf("%s:%d", s.ip, s.port)
 			rows = append(rows, r)
 		}
+	}
+	// Non-mesh callers: they only read their registry, then call what it says.
+	lookups := []struct {
+		registry string
+		find     func() (string, error)
+	}{
+		{"consul", func() (string, error) {
+			entries, _, err := cc.Health().Service("greeter", "", true, nil)
+			if err != nil || len(entries) == 0 {
+				return "", fmt.Errorf("greeter not (yet) passing in consul: %v", err)
+			}
+			return fmt.Sprintf("%s:%d", entries[0].Service.Address, entries[0].Service.Port), nil
+		}},
+		{"eureka", func() (string, error) { return eurekaLookup(eureka.URL, "GREETER") }},
+	}
+	for _, l := range lookups {
+		r := callNonMesh(ctx, l.find, 30*time.Second)
+		r.service, r.registry, r.via = "greeter", l.registry+" (reverse)", "non-mesh client, direct"
+		rows = append(rows, r)
 	}
 	printTable(os.Stdout, rows)
 	for _, r := range rows {
@@ -189,11 +241,91 @@ func run(ctx context.Context, env *testenv.Env, callsPerService int) error {
 	return ctx.Err()
 }
 
+// hostFor is the mesh host name meshturbo gives a sample service.
+func hostFor(s *sample) string {
+	switch s.registry {
+	case "zookeeper":
+		return strings.ToLower(s.name) + ".dubbo"
+	case "eureka":
+		return strings.ToLower(s.name) + ".eureka"
+	default:
+		return s.name + ".service.consul"
+	}
+}
+
+// callNonMesh looks the service up as a plain registry client and calls it directly.
+func callNonMesh(ctx context.Context, find func() (string, error), within time.Duration) row {
+	deadline := time.Now().Add(within)
+	for {
+		addr, err := find()
+		r := row{err: err}
+		if err == nil {
+			r.endpoint = addr
+			client := &http.Client{Timeout: 3 * time.Second}
+			start := time.Now()
+			resp, err := client.Get("http://" + addr + "/")
+			r.latency = time.Since(start)
+			if err == nil {
+				b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+				resp.Body.Close()
+				r.status, r.body, r.err = resp.StatusCode, strings.TrimSpace(string(b)), nil
+				if resp.StatusCode == http.StatusOK {
+					return r
+				}
+				r.err = fmt.Errorf("HTTP %d", resp.StatusCode)
+			} else {
+				r.err = err
+			}
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return r
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// eurekaLookup returns ip:port of an UP instance of app, as a plain Eureka client would.
+func eurekaLookup(base, app string) (string, error) {
+	req, _ := http.NewRequest(http.MethodGet, base+"/apps/"+app, nil)
+	req.Header.Set("Accept", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("eureka GET /apps/%s: %s", app, resp.Status)
+	}
+	var doc struct {
+		Application struct {
+			Instance []struct {
+				IPAddr string `json:"ipAddr"`
+				Status string `json:"status"`
+				Port   struct {
+					N int `json:"$"`
+				} `json:"port"`
+			} `json:"instance"`
+		} `json:"application"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		return "", err
+	}
+	for _, in := range doc.Application.Instance {
+		if in.Status == "UP" {
+			return fmt.Sprintf("%s:%d", in.IPAddr, in.Port.N), nil
+		}
+	}
+	return "", fmt.Errorf("no UP instance of %s in eureka", app)
+}
+
 type row struct {
-	service, endpoint, body string
-	status                  int
-	latency                 time.Duration
-	err                     error
+	service, registry, via, endpoint, body string
+	status                                 int
+	latency                                time.Duration
+	err                                    error
 }
 
 // call makes one request the way an app with no interception does: to the service port on
@@ -249,7 +381,7 @@ func printTable(w io.Writer, rows []row) {
 		if r.err != nil && body == "" {
 			body = r.err.Error()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.service, "consul", "envoy sidecar (istiod)", r.endpoint, status,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.service, r.registry, r.via, r.endpoint, status,
 			r.latency.Round(10*time.Microsecond), body)
 	}
 	tw.Flush()
