@@ -59,6 +59,20 @@ type MeshServiceConfig struct {
 	Protocol   string            `yaml:"protocol"`
 	HealthHTTP string            `yaml:"healthHTTP"`
 	Meta       map[string]string `yaml:"meta"`
+	// DubboInterface names the service in ZooKeeper's Dubbo layout (default: name).
+	DubboInterface string `yaml:"dubboInterface"`
+}
+
+// dubboProtocol is the Dubbo URL scheme for a mesh service's protocol.
+func dubboProtocol(p string) string {
+	switch strings.ToLower(p) {
+	case "http", "http2":
+		return "rest"
+	case "grpc":
+		return "tri"
+	default:
+		return "dubbo"
+	}
 }
 
 // AdminConfig configures the admin API.
@@ -242,9 +256,6 @@ func (c *Config) validate() error {
 				}
 			}
 		}
-		if s.RegisterMeshServices && s.ZooKeeper != nil {
-			errs = append(errs, fmt.Errorf("%s.registerMeshServices: not supported for zookeeper yet (consul and eureka are)", at))
-		}
 	}
 	return errors.Join(errs...)
 }
@@ -362,6 +373,18 @@ func (c *Config) registrars(log *slog.Logger) ([]io.Closer, error) {
 			}
 			r, err = consul.NewRegistrar(consul.RegistrarConfig{Address: s.Consul.Address, Datacenter: s.Consul.Datacenter,
 				Token: token, Services: svcs, Logger: log.With("source", "consul", "component", "reverse")})
+		case s.ZooKeeper != nil:
+			var svcs []zookeeper.MeshService
+			for _, m := range c.MeshServices {
+				iface := m.DubboInterface
+				if iface == "" {
+					iface = m.Name
+				}
+				svcs = append(svcs, zookeeper.MeshService{Interface: iface, Protocol: dubboProtocol(m.Protocol), Address: m.Address,
+					Port: m.Port, Params: m.Meta})
+			}
+			r, err = zookeeper.NewRegistrar(zookeeper.RegistrarConfig{Servers: s.ZooKeeper.Servers, DubboRoot: s.ZooKeeper.DubboRoot,
+				Services: svcs, Logger: log.With("source", "zookeeper", "component", "reverse")})
 		case s.Eureka != nil:
 			var svcs []eureka.MeshService
 			for _, m := range c.MeshServices {

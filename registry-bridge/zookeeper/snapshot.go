@@ -23,6 +23,7 @@ const (
 	ReasonDuplicate     = "duplicate"      // a second instance with the same ID or address:port in one service
 	ReasonDisabled      = "disabled"       // switched off: enabled=false, disabled=true, instance_status not UP
 	ReasonNotProvider   = "not-provider"   // a URL under providers/ whose side is not "provider"
+	ReasonOwn           = "own"            // a mesh service meshturbo registered (see Registrar): never imported back
 	ReasonOtherProtocol = "other-protocol" // a provider whose protocol is not the one its service was given
 	ReasonHostCollision = "host-collision" // its service's host name is taken by another service
 	ReasonUnreadable    = "unreadable"     // ZooKeeper refused to read it (ACL)

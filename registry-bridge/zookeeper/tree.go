@@ -301,6 +301,9 @@ func (r *run) dubboNode(p, iface, name string) node {
 	if side := prov.Param("side"); side != "" && side != "provider" {
 		return skipNode(p, ReasonNotProvider, "side="+side)
 	}
+	if prov.Param(ReverseParam) == "true" {
+		return skipNode(p, ReasonOwn, "registered by meshturbo for non-mesh callers")
+	}
 	if !prov.Enabled() {
 		return skipNode(p, ReasonDisabled, "enabled=false or disabled=true")
 	}
