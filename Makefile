@@ -8,7 +8,7 @@ OUT := out
 TEST_TIMEOUT ?= 30m
 TEST_FLAGS ?=
 
-.PHONY: all deps vet test demo generate fuzz bench-bridge
+.PHONY: all deps vet test demo generate check-generate fuzz bench-bridge bench-accel test-long
 
 all: vet
 
@@ -44,3 +44,17 @@ fuzz:
 BENCH_BRIDGE_FLAGS ?= -services 10000 -instances 100000
 bench-bridge: deps
 	$(GO) run ./bench/bridge $(BENCH_BRIDGE_FLAGS)
+
+# The BPF objects and their Go bindings are committed; regenerate (clang from make deps) and
+# fail when that changes anything.
+check-generate: generate
+	git diff --exit-code -- bpf/
+
+# Plain loopback TCP vs sockmap redirection (naive and ours), sockperf and iperf3, interleaved.
+BENCH_ACCEL_FLAGS ?=
+bench-accel: deps
+	$(GO) run ./bpf/benchaccel $(BENCH_ACCEL_FLAGS)
+
+# Long BPF runs: 1 GiB streams each way and 100,000 connections.
+test-long:
+	$(GO) test -count=1 -timeout 30m ./bpf/ -bpf.long

@@ -1,0 +1,599 @@
+// Package bpf is meshturbo's node acceleration: a sockops program on a cgroup v2 path puts
+// established TCP sockets of mesh pairs (both ends local and in the mesh set) into a sockhash
+// keyed by the 4-tuple, and an sk_msg program on that sockhash hands each send straight to
+// the peer socket, skipping the TCP/IP stack. Whatever it can't redirect takes the normal TCP
+// path.
+//
+// Everything is pinned under Config.PinPath, so an agent restart adopts the maps and links it
+// left and acceleration never stops: Close releases this process's handles only. Uninstall
+// detaches the programs and removes every pin, but never deletes a sockhash entry: deleting
+// the entry of a live socket drops the bytes queued to it. Pairs accelerated before the
+// uninstall keep working until they close, and the kernel frees the objects after the last.
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// Defaults of Config.
+const (
+	DefaultBPFFS    = "/sys/fs/bpf"
+	DefaultPinPath  = "/sys/fs/bpf/meshturbo"
+	DefaultMaxConns = 65536
+	DefaultSmallMsg = 16384
+	DefaultSmallRun = 16
+)
+
+// Pin names of the links inside Config.PinPath; maps are pinned by their own names (mt_*).
+const (
+	pinLinkSockOps = "link_sockops"
+	pinLinkSkMsg   = "link_sk_msg"
+)
+
+// Config configures an Agent.
+type Config struct {
+	// CgroupPath is the cgroup v2 directory whose sockets (and its descendants') are
+	// accelerated. Required.
+	CgroupPath string
+	// PinPath is the bpffs directory for the pinned maps and links; DefaultPinPath if empty.
+	PinPath string
+	// BPFFS is the bpffs mount point PinPath lives under; DefaultBPFFS if empty. New mounts
+	// bpffs there when nothing is mounted yet.
+	BPFFS string
+	// MeshIPs are local IPs of mesh workloads: a connection with both ends in this set is
+	// accelerated.
+	MeshIPs []netip.Addr
+	// SidecarPorts are ports of sidecars: a loopback connection with one end on such a port
+	// is accelerated.
+	SidecarPorts []uint16
+	// MaxConns is the size of the sockhash (sockets, two per accelerated connection);
+	// DefaultMaxConns if 0. Changing it replaces the pinned sockhash (see Agent.State).
+	MaxConns uint32
+	// A socket that sends SmallRun messages smaller than SmallMsg bytes in a row, with no
+	// send of its peer in between, moves to the TCP path for good: TCP coalesces a stream
+	// of small writes, a redirect sends and wakes each alone and is slower there.
+	// Request/response traffic never trips it. Defaults DefaultSmallMsg, DefaultSmallRun.
+	SmallMsg, SmallRun uint32
+	// NaiveRedirect turns that rule off (every send of a mesh socket is redirected). For
+	// benchmarks.
+	NaiveRedirect bool
+}
+
+func (c *Config) validate() error {
+	if c.CgroupPath == "" {
+		return errors.New("bpf: config: CgroupPath is required")
+	}
+	if c.PinPath == "" {
+		c.PinPath = DefaultPinPath
+	}
+	if c.BPFFS == "" {
+		c.BPFFS = DefaultBPFFS
+	}
+	if c.MaxConns == 0 {
+		c.MaxConns = DefaultMaxConns
+	}
+	if c.SmallMsg == 0 {
+		c.SmallMsg = DefaultSmallMsg
+	}
+	if c.SmallRun == 0 {
+		c.SmallRun = DefaultSmallRun
+	}
+	c.PinPath = filepath.Clean(c.PinPath)
+	c.BPFFS = filepath.Clean(c.BPFFS)
+	if rel, err := filepath.Rel(c.BPFFS, c.PinPath); err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+		return fmt.Errorf("bpf: config: PinPath %q is not below BPFFS %q", c.PinPath, c.BPFFS)
+	}
+	if err := checkMesh(c.MeshIPs, c.SidecarPorts); err != nil {
+		return fmt.Errorf("bpf: config: %w", err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(c.CgroupPath, &st); err != nil {
+		return fmt.Errorf("bpf: config: cgroup %q: %w", c.CgroupPath, err)
+	}
+	if st.Type != unix.CGROUP2_SUPER_MAGIC {
+		return fmt.Errorf("bpf: config: %q is not a cgroup v2 directory (sockops attaches to cgroup v2 only)", c.CgroupPath)
+	}
+	return nil
+}
+
+// Option is a rarely needed knob of New and Probe.
+type Option func(*options)
+
+type options struct {
+	forced map[Feature]error
+}
+
+func newOptions(opts []Option) *options {
+	o := &options{forced: map[Feature]error{}}
+	for _, opt := range opts {
+		opt(o)
+	}
+	return o
+}
+
+// WithProbeFailure makes the probe of f report it missing (wrapping ebpf.ErrNotSupported),
+// as on a kernel without it. For tests of the fallback path.
+func WithProbeFailure(f Feature) Option {
+	return func(o *options) { o.forced[f] = errForcedProbe }
+}
+
+// Agent owns the loaded, attached and pinned acceleration.
+type Agent struct {
+	mu       sync.Mutex
+	cfg      Config
+	sockops  sockopsObjects
+	redir    redirObjects
+	skMsg    link.Link
+	sockOps  link.Link
+	state    State
+	mesh     meshSet
+	closed   bool
+	cgroupID uint64
+}
+
+// State describes what New found and did; it is served as the agent's status.
+type State struct {
+	PinPath    string `json:"pin_path"`
+	CgroupPath string `json:"cgroup_path"`
+	MaxConns   uint32 `json:"max_conns"`
+	// SmallMsg and SmallRun are the small-write rule in force (SmallMsg 0: off).
+	SmallMsg uint32          `json:"small_msg"`
+	SmallRun uint32          `json:"small_run"`
+	Features []FeatureStatus `json:"features"`
+	Programs []Attachment    `json:"programs"`
+	// ReusedMaps are maps adopted from pins left by an earlier agent.
+	ReusedMaps []string `json:"reused_maps,omitempty"`
+	// ReplacedMaps are pinned maps whose layout no longer matched: they were unpinned (the
+	// sockets still in them keep working until they close) and created anew.
+	ReplacedMaps []ReplacedMap `json:"replaced_maps,omitempty"`
+	// OtherSockOps are sockops programs other than ours that run on the cgroup now (attached
+	// to it or inherited from an ancestor). A second sockmap owner makes inserts fail with
+	// EBUSY, counted in Stats.InsertBusy.
+	OtherSockOps []ebpf.ProgramID `json:"other_sockops,omitempty"`
+	MeshIPs      []netip.Addr     `json:"mesh_ips"`
+	SidecarPorts []uint16         `json:"sidecar_ports"`
+}
+
+// Attachment is one attached program.
+type Attachment struct {
+	Program   string         `json:"program"`
+	Hook      string         `json:"hook"`
+	ProgramID ebpf.ProgramID `json:"program_id"`
+	LinkID    link.ID        `json:"link_id"`
+	LinkPin   string         `json:"link_pin"`
+	// Adopted is true when the link was left pinned by an earlier agent and now runs the
+	// program loaded by this one.
+	Adopted bool `json:"adopted"`
+}
+
+// ReplacedMap is a pinned map that had to be replaced.
+type ReplacedMap struct {
+	Name   string `json:"name"`
+	Reason string `json:"reason"`
+}
+
+// New probes the kernel, mounts bpffs if needed, loads the programs re-using pinned maps,
+// attaches (or adopts the pinned links of an earlier agent) and writes the mesh set. A
+// missing kernel feature is a *MissingFeatureError wrapping ebpf.ErrNotSupported; then
+// nothing was attached and traffic is untouched.
+func New(cfg Config, opts ...Option) (_ *Agent, err error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	feats, err := Probe(opts...)
+	if err != nil {
+		return nil, err
+	}
+	if err := ensureBPFFS(cfg.BPFFS); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.PinPath, 0o700); err != nil {
+		return nil, fmt.Errorf("bpf: create pin path: %w", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(cfg.CgroupPath, &st); err != nil {
+		return nil, fmt.Errorf("bpf: stat cgroup: %w", err)
+	}
+	a := &Agent{cfg: cfg, cgroupID: st.Ino}
+	a.state = State{PinPath: cfg.PinPath, CgroupPath: cfg.CgroupPath, MaxConns: cfg.MaxConns, Features: feats,
+		SmallMsg: cfg.SmallMsg, SmallRun: cfg.SmallRun}
+	if cfg.NaiveRedirect {
+		a.state.SmallMsg = 0
+	}
+	defer func() {
+		if err != nil {
+			a.closeHandles()
+		}
+	}()
+	if err := a.load(); err != nil {
+		return nil, err
+	}
+	// The verdict program goes on the sockhash before any socket can be put into it: a
+	// socket in a sockhash without one would change behaviour and gain nothing.
+	if err := a.attachSkMsg(); err != nil {
+		return nil, err
+	}
+	if err := a.attachSockOps(); err != nil {
+		return nil, err
+	}
+	if err := a.setMesh(cfg.MeshIPs, cfg.SidecarPorts); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+func ensureBPFFS(dir string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err == nil && st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("bpf: create bpffs mount point: %w", err)
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("bpf: mount bpffs on %s: %w", dir, err)
+	}
+	return nil
+}
+
+// load loads both objects. Maps come from the pins when compatible; incompatible pins are
+// unpinned first (never emptied) and recorded in the state.
+func (a *Agent) load() error {
+	sockopsSpec, err := loadSockops()
+	if err != nil {
+		return fmt.Errorf("bpf: %w", err)
+	}
+	redirSpec, err := loadRedir()
+	if err != nil {
+		return fmt.Errorf("bpf: %w", err)
+	}
+	for _, spec := range []*ebpf.CollectionSpec{sockopsSpec, redirSpec} {
+		spec.Maps[sockopsMapMtSockhash].MaxEntries = a.cfg.MaxConns
+		spec.Maps[sockopsMapMtPairs].MaxEntries = max(a.cfg.MaxConns/2, 1)
+	}
+	smallMsg := a.cfg.SmallMsg
+	if a.cfg.NaiveRedirect {
+		smallMsg = 0
+	}
+	if err := redirSpec.Variables[redirVarMtSmallMsg].Set(smallMsg); err != nil {
+		return fmt.Errorf("bpf: set %s: %w", redirVarMtSmallMsg, err)
+	}
+	if err := redirSpec.Variables[redirVarMtSmallRun].Set(a.cfg.SmallRun); err != nil {
+		return fmt.Errorf("bpf: set %s: %w", redirVarMtSmallRun, err)
+	}
+	layout := layoutHash(sockopsSpec)
+	if err := a.retireIncompatible(sockopsSpec, layout); err != nil {
+		return err
+	}
+	if err := sockopsSpec.LoadAndAssign(&a.sockops, &ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: a.cfg.PinPath},
+	}); err != nil {
+		return fmt.Errorf("bpf: load sockops: %w", err)
+	}
+	if err := a.sockops.MtMeta.Put(uint32(0), layout); err != nil {
+		return fmt.Errorf("bpf: record map layout: %w", err)
+	}
+	m := a.sockops.sockopsMaps
+	if err := redirSpec.LoadAndAssign(&a.redir, &ebpf.CollectionOptions{
+		MapReplacements: map[string]*ebpf.Map{
+			sockopsMapMtSockhash:  m.MtSockhash,
+			sockopsMapMtMeshIps:   m.MtMeshIps,
+			sockopsMapMtMeshPorts: m.MtMeshPorts,
+			sockopsMapMtStats:     m.MtStats,
+			sockopsMapMtSkStorage: m.MtSkStorage,
+			sockopsMapMtMeta:      m.MtMeta,
+			sockopsMapMtPairs:     m.MtPairs,
+		},
+	}); err != nil {
+		return fmt.Errorf("bpf: load sk_msg: %w", err)
+	}
+	return nil
+}
+
+// retireIncompatible unpins every pinned map that the new spec can't use: a different
+// type, size or flags, or (recorded in mt_meta) a different key or value layout. Unpinning
+// drops no entry: sockets in an old sockhash keep it alive through their sk_msg program.
+func (a *Agent) retireIncompatible(spec *ebpf.CollectionSpec, layout uint64) error {
+	layoutChanged := false
+	metaPath := filepath.Join(a.cfg.PinPath, sockopsMapMtMeta)
+	if m, err := ebpf.LoadPinnedMap(metaPath, nil); err == nil {
+		var old uint64
+		if spec.Maps[sockopsMapMtMeta].Compatible(m) == nil && m.Lookup(uint32(0), &old) == nil && old != 0 && old != layout {
+			layoutChanged = true
+		}
+		m.Close()
+	}
+	names := make([]string, 0, len(spec.Maps))
+	for name, ms := range spec.Maps {
+		if ms.Pinning == ebpf.PinByName {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		path := filepath.Join(a.cfg.PinPath, name)
+		if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		reason := ""
+		m, err := ebpf.LoadPinnedMap(path, nil)
+		switch {
+		case err != nil:
+			reason = fmt.Sprintf("pin is not a usable map: %v", err)
+		case name != sockopsMapMtMeta && layoutChanged:
+			reason = "key or value layout changed"
+		default:
+			if err := spec.Maps[name].Compatible(m); err != nil {
+				reason = err.Error()
+			}
+		}
+		if m != nil {
+			m.Close()
+		}
+		if reason == "" {
+			a.state.ReusedMaps = append(a.state.ReusedMaps, name)
+			continue
+		}
+		if err := os.Remove(path); err != nil {
+			return fmt.Errorf("bpf: unpin incompatible map %s: %w", name, err)
+		}
+		a.state.ReplacedMaps = append(a.state.ReplacedMaps, ReplacedMap{Name: name, Reason: reason})
+	}
+	return nil
+}
+
+func (a *Agent) sockhashReused() bool {
+	return slices.Contains(a.state.ReusedMaps, sockopsMapMtSockhash)
+}
+
+// attachSkMsg attaches the verdict program to the sockhash, or adopts the pinned link of an
+// earlier agent and swaps its program. A pinned link of a replaced sockhash is detached:
+// sockets of that old sockhash keep the program they got at insertion.
+func (a *Agent) attachSkMsg() error {
+	path := filepath.Join(a.cfg.PinPath, pinLinkSkMsg)
+	prog := a.redir.MtRedir
+	adopted := false
+	if old, err := link.LoadPinnedLink(path, nil); err == nil {
+		info, ierr := old.Info()
+		if ierr == nil && info.Type == linkTypeSockMap && a.sockhashReused() {
+			if err := old.Update(prog); err != nil {
+				old.Close()
+				return fmt.Errorf("bpf: update pinned sk_msg link: %w", err)
+			}
+			a.skMsg, adopted = old, true
+		} else {
+			if err := retireLink(old); err != nil {
+				return fmt.Errorf("bpf: detach stale sk_msg link: %w", err)
+			}
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		if err := os.Remove(path); err != nil {
+			return fmt.Errorf("bpf: remove unusable pin %s: %w", path, err)
+		}
+	}
+	if a.skMsg == nil {
+		l, err := link.AttachRawLink(link.RawLinkOptions{
+			Target: a.sockops.MtSockhash.FD(), Program: prog, Attach: ebpf.AttachSkMsgVerdict,
+		})
+		if err != nil {
+			if errors.Is(err, unix.EBUSY) {
+				return fmt.Errorf("bpf: attach sk_msg to the sockhash: another program owns it: %w", err)
+			}
+			return fmt.Errorf("bpf: attach sk_msg to the sockhash: %w", err)
+		}
+		if err := l.Pin(path); err != nil {
+			l.Close()
+			return fmt.Errorf("bpf: pin sk_msg link: %w", err)
+		}
+		a.skMsg = l
+	}
+	a.recordAttachment("mt_redir", "sk_msg verdict on mt_sockhash", prog, a.skMsg, path, adopted)
+	return nil
+}
+
+// attachSockOps attaches the sockops program to the cgroup, or adopts the pinned link of an
+// earlier agent on the same cgroup and swaps its program.
+func (a *Agent) attachSockOps() error {
+	path := filepath.Join(a.cfg.PinPath, pinLinkSockOps)
+	prog := a.sockops.MtSockops
+	adopted := false
+	if old, err := link.LoadPinnedLink(path, nil); err == nil {
+		info, ierr := old.Info()
+		if ierr == nil && info.Type == link.CgroupType && info.Cgroup() != nil && info.Cgroup().CgroupId == a.cgroupID {
+			if err := old.Update(prog); err != nil {
+				old.Close()
+				return fmt.Errorf("bpf: update pinned sockops link: %w", err)
+			}
+			a.sockOps, adopted = old, true
+		} else {
+			if err := retireLink(old); err != nil {
+				return fmt.Errorf("bpf: detach sockops link of another cgroup: %w", err)
+			}
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		if err := os.Remove(path); err != nil {
+			return fmt.Errorf("bpf: remove unusable pin %s: %w", path, err)
+		}
+	}
+	if a.sockOps == nil {
+		l, err := link.AttachCgroup(link.CgroupOptions{
+			Path: a.cfg.CgroupPath, Attach: ebpf.AttachCGroupSockOps, Program: prog,
+		})
+		if err != nil {
+			return fmt.Errorf("bpf: attach sockops to %s: %w", a.cfg.CgroupPath, err)
+		}
+		if err := l.Pin(path); err != nil {
+			l.Close()
+			if errors.Is(err, ebpf.ErrNotSupported) {
+				return &MissingFeatureError{Feature: "cgroup bpf_link (pinnable sockops attachment)", Err: err}
+			}
+			return fmt.Errorf("bpf: pin sockops link: %w", err)
+		}
+		a.sockOps = l
+	}
+	a.recordAttachment("mt_sockops", "cgroup sockops on "+a.cfg.CgroupPath, prog, a.sockOps, path, adopted)
+	return nil
+}
+
+// linkTypeSockMap is BPF_LINK_TYPE_SOCKMAP, which cilium/ebpf does not name.
+const linkTypeSockMap link.Type = 14
+
+// retireLink detaches, unpins and closes a link.
+func retireLink(l link.Link) error {
+	var errs []error
+	if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		errs = append(errs, err)
+	}
+	if err := l.Unpin(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(append(errs, l.Close())...)
+}
+
+func (a *Agent) recordAttachment(name, hook string, prog *ebpf.Program, l link.Link, pin string, adopted bool) {
+	att := Attachment{Program: name, Hook: hook, LinkPin: pin, Adopted: adopted}
+	if info, err := prog.Info(); err == nil {
+		att.ProgramID, _ = info.ID()
+	}
+	if info, err := l.Info(); err == nil {
+		att.LinkID = info.ID
+	}
+	a.state.Programs = append(a.state.Programs, att)
+}
+
+// otherSockOps lists sockops programs effective on the cgroup that are not ours.
+func (a *Agent) otherSockOps() []ebpf.ProgramID {
+	f, err := os.Open(a.cfg.CgroupPath)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{
+		Target: int(f.Fd()), Attach: ebpf.AttachCGroupSockOps, QueryFlags: unix.BPF_F_QUERY_EFFECTIVE,
+	})
+	if err != nil {
+		return nil
+	}
+	var ours ebpf.ProgramID
+	for _, p := range a.state.Programs {
+		if p.Program == "mt_sockops" {
+			ours = p.ProgramID
+		}
+	}
+	var out []ebpf.ProgramID
+	for _, p := range res.Programs {
+		if p.ID != ours {
+			out = append(out, p.ID)
+		}
+	}
+	return out
+}
+
+// State returns what New found and did, and the current mesh set.
+func (a *Agent) State() State {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := a.state
+	s.Features = slices.Clone(s.Features)
+	s.Programs = slices.Clone(s.Programs)
+	s.MeshIPs, s.SidecarPorts = a.mesh.lists()
+	if !a.closed {
+		s.OtherSockOps = a.otherSockOps()
+	}
+	return s
+}
+
+// Close releases this process's handles. Pinned maps and links stay, so acceleration goes on
+// and the next New adopts them.
+func (a *Agent) Close() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		return nil
+	}
+	a.closed = true
+	return a.closeHandles()
+}
+
+func (a *Agent) closeHandles() error {
+	var errs []error
+	for _, l := range []link.Link{a.sockOps, a.skMsg} {
+		if l != nil {
+			errs = append(errs, l.Close())
+		}
+	}
+	errs = append(errs, a.redir.Close(), a.sockops.Close())
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("bpf: close: %w", err)
+	}
+	return nil
+}
+
+// Uninstall stops acceleration for new connections and removes every pinned object (see
+// the package function Uninstall). The Agent is closed afterwards.
+func (a *Agent) Uninstall() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var errs []error
+	if !a.closed {
+		a.closed = true
+		errs = append(errs, a.closeHandles())
+	}
+	errs = append(errs, Uninstall(a.cfg.PinPath))
+	return errors.Join(errs...)
+}
+
+// Uninstall removes meshturbo's pins under pinPath: it first detaches the sockops link (no
+// socket is inserted any more), then the sk_msg link, then unpins the maps (mt_*) and removes
+// the directory. It never deletes a sockhash entry: pairs already accelerated keep
+// redirecting until they close, then the kernel frees the sockhash and the programs. Works
+// without loading anything, e.g. after an upgrade changed the objects.
+func Uninstall(pinPath string) error {
+	var errs []error
+	for _, name := range []string{pinLinkSockOps, pinLinkSkMsg} {
+		path := filepath.Join(pinPath, name)
+		l, err := link.LoadPinnedLink(path, nil)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			continue
+		case err != nil:
+			errs = append(errs, fmt.Errorf("bpf: uninstall: load %s: %w", path, err))
+			if rerr := os.Remove(path); rerr != nil {
+				errs = append(errs, rerr)
+			}
+			continue
+		}
+		if err := retireLink(l); err != nil {
+			errs = append(errs, fmt.Errorf("bpf: uninstall: detach %s: %w", path, err))
+		}
+	}
+	entries, err := os.ReadDir(pinPath)
+	if errors.Is(err, os.ErrNotExist) {
+		return errors.Join(errs...)
+	}
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("bpf: uninstall: %w", err))...)
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "mt_") || strings.HasPrefix(e.Name(), "link_") {
+			if err := os.Remove(filepath.Join(pinPath, e.Name())); err != nil {
+				errs = append(errs, fmt.Errorf("bpf: uninstall: unpin: %w", err))
+			}
+		}
+	}
+	if err := os.Remove(pinPath); err != nil {
+		errs = append(errs, fmt.Errorf("bpf: uninstall: remove %s (not ours, left in place?): %w", pinPath, err))
+	}
+	return errors.Join(errs...)
+}

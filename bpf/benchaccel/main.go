@@ -1,0 +1,451 @@
+// Command benchaccel measures plain loopback TCP against meshturbo's sockops + sk_msg
+// acceleration with real tools (sockperf, iperf3), both ends in one test cgroup, runs
+// interleaved (plain, accel, accel, plain, ...) and reports medians. Needs root. Run it
+// with `make bench-accel` (go run ./bpf/benchaccel).
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/meshturbo/meshturbo/bpf"
+)
+
+type opts struct {
+	reps     int
+	duration time.Duration
+	cgroup2  string
+	jsonOut  string
+	only     string
+	modes    string
+}
+
+func main() {
+	var o opts
+	flag.IntVar(&o.reps, "reps", 3, "repetitions of every case in each mode (interleaved)")
+	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of one tool run")
+	flag.StringVar(&o.cgroup2, "cgroup2", "/sys/fs/cgroup/unified", "cgroup v2 mount to make the bench cgroup in")
+	flag.StringVar(&o.jsonOut, "json", "", "also write all samples as JSON to this file")
+	flag.StringVar(&o.only, "only", "", "comma-separated runs to do (default all): "+strings.Join(runNames(), ","))
+	flag.StringVar(&o.modes, "modes", strings.Join(allModes, ","), "comma-separated modes to compare; plain is the baseline")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, o); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-accel:", err)
+		os.Exit(1)
+	}
+}
+
+// A run is one tool invocation; it yields one or more metrics.
+type benchRun struct {
+	name    string
+	metrics []metric
+	run     func(ctx context.Context, b *bench) (map[string]float64, error)
+}
+
+// A metric is one reported number; higher is better unless lowerBetter.
+type metric struct {
+	name        string
+	unit        string
+	lowerBetter bool
+	throughput  bool // counts for worst_ratio
+}
+
+type bench struct {
+	o            opts
+	cgroup       string
+	sockperfPort uint16
+	iperfPort    uint16
+	cgroupFD     *os.File
+}
+
+func runs() []benchRun {
+	rate := func(name string, size int) benchRun {
+		return benchRun{name, []metric{{name, "msg/s", false, true}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
+			v, err := b.sockperfThroughput(ctx, size)
+			return map[string]float64{name: v}, err
+		}}
+	}
+	iperf := func(name, length string) benchRun {
+		return benchRun{name, []metric{{name, "Gbit/s", false, true}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
+			v, err := b.iperf(ctx, length)
+			return map[string]float64{name: v}, err
+		}}
+	}
+	return []benchRun{
+		{"pingpong_64B", []metric{{"pingpong_64B_p50", "usec one-way", true, false}, {"pingpong_64B_p99", "usec one-way", true, false}},
+			func(ctx context.Context, b *bench) (map[string]float64, error) {
+				p, err := b.sockperfPingPong(ctx, 64)
+				return map[string]float64{"pingpong_64B_p50": p["50.000"], "pingpong_64B_p99": p["99.000"]}, err
+			}},
+		rate("stream_64B", 64),
+		rate("stream_1KiB", 1024),
+		iperf("iperf3_1KiB", "1K"),
+		iperf("iperf3_16KiB", "16K"),
+		iperf("bulk_128KiB", "128K"),
+	}
+}
+
+// Modes: plain TCP, naive redirect (every send), ours (with the small-write rule).
+var allModes = []string{"plain", "naive", "accel"}
+
+func runNames() []string {
+	var names []string
+	for _, r := range runs() {
+		names = append(names, r.name)
+	}
+	return names
+}
+
+func (o opts) selected() []benchRun {
+	if o.only == "" {
+		return runs()
+	}
+	want := splitList(o.only)
+	var out []benchRun
+	for _, r := range runs() {
+		if slices.Contains(want, r.name) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+type sample struct {
+	Case  string  `json:"case"`
+	Mode  string  `json:"mode"`
+	Rep   int     `json:"rep"`
+	Value float64 `json:"value"`
+	// Redirected bytes during an accelerated run: proof the path was taken.
+	Redirected uint64 `json:"redirected_bytes,omitempty"`
+}
+
+func run(ctx context.Context, o opts) (err error) {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (loads BPF programs, makes a cgroup)")
+	}
+	for _, tool := range []string{"sockperf", "iperf3"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("%s not found: run make deps", tool)
+		}
+	}
+	suffix := randomSuffix()
+	b := &bench{o: o, cgroup: filepath.Join(o.cgroup2, "meshturbo-bench-"+suffix)}
+	if err := os.Mkdir(b.cgroup, 0o755); err != nil {
+		return fmt.Errorf("make bench cgroup: %w", err)
+	}
+	defer func() { err = errors.Join(err, removeCgroup(b.cgroup)) }()
+	if b.cgroupFD, err = os.Open(b.cgroup); err != nil {
+		return err
+	}
+	defer b.cgroupFD.Close()
+	if b.sockperfPort, err = freePort(); err != nil {
+		return err
+	}
+	if b.iperfPort, err = freePort(); err != nil {
+		return err
+	}
+	pin := filepath.Join(bpf.DefaultBPFFS, "meshturbo-bench-"+suffix)
+	defer func() { err = errors.Join(err, bpf.Uninstall(pin)) }()
+
+	servers := []*exec.Cmd{
+		b.command(context.Background(), "sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", strconv.Itoa(int(b.sockperfPort))),
+		b.command(context.Background(), "iperf3", "-s", "-B", "127.0.0.1", "-p", strconv.Itoa(int(b.iperfPort))),
+	}
+	for _, s := range servers {
+		if err := s.Start(); err != nil {
+			return fmt.Errorf("start %s: %w", s.Path, err)
+		}
+		defer func() { _ = s.Process.Kill(); _ = s.Wait() }()
+	}
+	for _, p := range []uint16{b.sockperfPort, b.iperfPort} {
+		if err := waitListening(ctx, p); err != nil {
+			return err
+		}
+	}
+	cfg := bpf.Config{CgroupPath: b.cgroup, PinPath: pin, SidecarPorts: []uint16{b.sockperfPort, b.iperfPort}}
+
+	modes := splitList(o.modes)
+	for _, m := range modes {
+		if !slices.Contains(allModes, m) {
+			return fmt.Errorf("unknown mode %q (have %v)", m, allModes)
+		}
+	}
+	if !slices.Contains(modes, "plain") {
+		return errors.New("-modes must include plain, the baseline")
+	}
+	var samples []sample
+	for rep := range o.reps {
+		order := slices.Clone(modes)
+		if rep%2 == 1 {
+			slices.Reverse(order)
+		}
+		for _, r := range o.selected() {
+			for _, mode := range order {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				var agent *bpf.Agent
+				var before bpf.Stats
+				if mode != "plain" {
+					c := cfg
+					c.NaiveRedirect = mode == "naive"
+					if agent, err = bpf.New(c); err != nil {
+						return err
+					}
+					before, _ = agent.Stats()
+				}
+				vals, err := r.run(ctx, b)
+				var redirected, demoted uint64
+				if agent != nil {
+					after, _ := agent.Stats()
+					redirected = after.BytesRedirected - before.BytesRedirected
+					demoted = after.SocketsDemoted - before.SocketsDemoted
+					// Uninstall: the next plain run must see no program at all.
+					err = errors.Join(err, agent.Uninstall())
+				}
+				if err != nil {
+					return fmt.Errorf("%s %s: %w", r.name, mode, err)
+				}
+				for _, m := range r.metrics {
+					samples = append(samples, sample{Case: m.name, Mode: mode, Rep: rep, Value: vals[m.name], Redirected: redirected})
+					fmt.Fprintf(os.Stderr, "rep %d %-18s %-5s %14.3f %-12s", rep, m.name, mode, vals[m.name], m.unit)
+					if agent != nil {
+						fmt.Fprintf(os.Stderr, " redirected %d MiB, sockets moved to TCP %d", redirected>>20, demoted)
+					}
+					fmt.Fprintln(os.Stderr)
+				}
+			}
+		}
+	}
+	if o.jsonOut != "" {
+		j, _ := json.MarshalIndent(samples, "", "  ")
+		if err := os.WriteFile(o.jsonOut, j, 0o644); err != nil {
+			return err
+		}
+	}
+	report(samples, o)
+	return nil
+}
+
+func report(samples []sample, o opts) {
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "case\tunit\tplain\tnaive\tours\tnaive/plain\tours/plain\tsamples plain | naive | ours\n")
+	ratios := map[string]float64{}
+	worst := math.Inf(1)
+	for _, r := range o.selected() {
+		for _, m := range r.metrics {
+			vals := map[string][]float64{}
+			for _, s := range samples {
+				if s.Case == m.name {
+					vals[s.Mode] = append(vals[s.Mode], s.Value)
+				}
+			}
+			p, n, a := median(vals["plain"]), median(vals["naive"]), median(vals["accel"])
+			if !math.IsNaN(a / p) {
+				ratios[m.name] = a / p
+				if m.throughput {
+					worst = min(worst, a/p)
+				}
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%.3f\t%.3f\t%.3f\t%.2fx\t%.2fx\t%s | %s | %s\n", m.name, m.unit, p, n, a, n/p, a/p,
+				fmtList(vals["plain"]), fmtList(vals["naive"]), fmtList(vals["accel"]))
+		}
+	}
+	tw.Flush()
+	fmt.Printf("(medians of %d interleaved reps of %s; ours = the agent's default; for latency lower is better)\n", o.reps, o.duration)
+	small := math.NaN()
+	if a, ok1 := ratios["stream_64B"]; ok1 {
+		small = a
+		if b, ok2 := ratios["stream_1KiB"]; ok2 {
+			small = min(a, b)
+		}
+	} else if b, ok := ratios["stream_1KiB"]; ok {
+		small = b
+	}
+	ratio := func(name string) string {
+		if v, ok := ratios[name]; ok {
+			return fmtRatio(v)
+		}
+		return "n/a"
+	}
+	// Envoy and connect4 are not measured yet (see issue 5).
+	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=n/a connect4_rps_ratio=n/a\n",
+		ratio("pingpong_64B_p50"), ratio("bulk_128KiB"), fmtRatio(small), fmtRatio(worst))
+}
+
+func fmtRatio(v float64) string {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return "n/a"
+	}
+	return strconv.FormatFloat(v, 'f', 2, 64)
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func fmtList(v []float64) string {
+	parts := make([]string, len(v))
+	for i, x := range v {
+		parts[i] = strconv.FormatFloat(x, 'g', 4, 64)
+	}
+	return strings.Join(parts, " ")
+}
+
+// command makes a command that starts inside the bench cgroup.
+func (b *bench) command(ctx context.Context, name string, arg ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, name, arg...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(b.cgroupFD.Fd())}
+	return cmd
+}
+
+func (b *bench) output(ctx context.Context, name string, arg ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.o.duration+30*time.Second)
+	defer cancel()
+	out, err := b.command(ctx, name, arg...).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("%s %s: %w\n%s", name, strings.Join(arg, " "), err, out)
+	}
+	return string(out), nil
+}
+
+func (b *bench) secs() string { return strconv.Itoa(max(1, int(b.o.duration.Seconds()))) }
+
+var percentileRE = regexp.MustCompile(`percentile\s+([0-9.]+)\s+=\s+([0-9.]+)`)
+
+func (b *bench) sockperfPingPong(ctx context.Context, size int) (map[string]float64, error) {
+	out, err := b.output(ctx, "sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", strconv.Itoa(int(b.sockperfPort)),
+		"-m", strconv.Itoa(size), "-t", b.secs())
+	if err != nil {
+		return nil, err
+	}
+	p := map[string]float64{}
+	for _, m := range percentileRE.FindAllStringSubmatch(out, -1) {
+		if v, err := strconv.ParseFloat(m[2], 64); err == nil {
+			p[m[1]] = v
+		}
+	}
+	if _, ok := p["50.000"]; !ok {
+		return nil, fmt.Errorf("sockperf printed no percentiles:\n%s", out)
+	}
+	return p, nil
+}
+
+var msgRateRE = regexp.MustCompile(`Message Rate is ([0-9]+) \[msg/sec\]`)
+
+func (b *bench) sockperfThroughput(ctx context.Context, size int) (float64, error) {
+	out, err := b.output(ctx, "sockperf", "throughput", "--tcp", "-i", "127.0.0.1", "-p", strconv.Itoa(int(b.sockperfPort)),
+		"-m", strconv.Itoa(size), "-t", b.secs())
+	if err != nil {
+		return 0, err
+	}
+	m := msgRateRE.FindStringSubmatch(out)
+	if m == nil {
+		return 0, fmt.Errorf("sockperf printed no message rate:\n%s", out)
+	}
+	return strconv.ParseFloat(m[1], 64)
+}
+
+func (b *bench) iperf(ctx context.Context, length string) (float64, error) {
+	out, err := b.output(ctx, "iperf3", "-c", "127.0.0.1", "-p", strconv.Itoa(int(b.iperfPort)), "-t", b.secs(), "-l", length, "-J")
+	if err != nil {
+		return 0, err
+	}
+	var res struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+		Error string `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		return 0, fmt.Errorf("iperf3 output: %w", err)
+	}
+	if res.Error != "" {
+		return 0, fmt.Errorf("iperf3: %s", res.Error)
+	}
+	return res.End.SumReceived.BitsPerSecond / 1e9, nil
+}
+
+func freePort() (uint16, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return netip.MustParseAddrPort(l.Addr().String()).Port(), nil
+}
+
+func waitListening(ctx context.Context, port uint16) error {
+	addr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port).String()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.Close()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("nothing listens on %s", addr)
+}
+
+func removeCgroup(dir string) error {
+	var err error
+	for range 100 {
+		if err = os.Remove(dir); err == nil || errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("remove bench cgroup: %w", err)
+}
+
+func randomSuffix() string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

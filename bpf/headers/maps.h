@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* maps.h: every map of meshturbo's BPF programs. All are pinned by name under the agent's
+ * pin path, so an agent restart finds them again and acceleration never stops. */
+#ifndef MESHTURBO_MAPS_H
+#define MESHTURBO_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "mesh.h"
+
+/* Established mesh sockets by their own 4-tuple. The value is 64 bits so that user space can
+ * look a key up and get the socket's cookie back (SO_COOKIE), which proves the key layout. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MT_MAX_CONNS);
+	__type(key, struct mt_sock_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_sockhash SEC(".maps");
+
+/* Local IPs of mesh workloads (pod IPs). Both ends of a connection in this set: a mesh pair. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MT_MAX_MESH_IPS);
+	__type(key, struct mt_ip);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_mesh_ips SEC(".maps");
+
+/* Sidecar ports (host byte order). A loopback connection with one end on such a port: a mesh
+ * pair. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MT_MAX_SIDECAR_PORTS);
+	__type(key, __u16);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_mesh_ports SEC(".maps");
+
+/* One struct mt_counters per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mt_counters);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_stats SEC(".maps");
+
+/* Per-socket state, freed with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct mt_sk_state);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_sk_storage SEC(".maps");
+
+/* Small-write run per connection (redir.c). LRU: entries of closed connections age out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MT_MAX_PAIRS);
+	__type(key, struct mt_sock_key);
+	__type(value, struct mt_pair_state);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_pairs SEC(".maps");
+
+/* Written by the loader: a hash of every map's key and value layout. A pinned map set whose
+ * hash differs was made by an agent with other layouts and is replaced, not reused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_meta SEC(".maps");
+
+static __always_inline struct mt_counters *mt_counters_get(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&mt_stats, &zero);
+}
+
+#define mt_count(c, field, n) __sync_fetch_and_add(&(c)->field, (n))
+
+#endif /* MESHTURBO_MAPS_H */

@@ -1,0 +1,113 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* mesh.h: constants and small helpers shared by meshturbo's BPF programs. */
+#ifndef MESHTURBO_MESH_H
+#define MESHTURBO_MESH_H
+
+#include <linux/types.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+
+/* Sizes of the maps; the loader may override MT_MAX_CONNS (sockhash entries). */
+#define MT_MAX_CONNS 65536
+#define MT_MAX_PAIRS 32768
+#define MT_MAX_MESH_IPS 4096
+#define MT_MAX_SIDECAR_PORTS 256
+
+/* mt_mesh_ips values. */
+#define MT_IP_MESH 1
+
+/* mt_sk_state.flags: MT_SK_TCP_ONLY is set on a socket whose send missed its peer once, or
+ * that streams small writes (see redir.c). From then on all of its sends take the TCP path.
+ * The switch is one way on purpose: bytes redirected earlier sit in the peer's ingress queue,
+ * which the peer reads before its TCP receive queue, so redirect-then-TCP keeps the order,
+ * while TCP-then-redirect could be read out of order. */
+#define MT_SK_TCP_ONLY 1
+
+/* An IP address in 16 bytes, network byte order: IPv6 as is, IPv4 as ::ffff:a.b.c.d, so
+ * that an AF_INET socket and a dual-stack AF_INET6 socket of one IPv4 connection build the
+ * same keys. */
+struct mt_ip {
+	__u32 addr[4];
+};
+
+/* The sockhash key: one end of a TCP connection, seen from that end. Ports are in host byte
+ * order. sockops and sk_msg both build it with mt_port_from_ctx for the remote port, which
+ * the kernel hands over in network byte order in the upper half of a 32-bit field. */
+struct mt_sock_key {
+	struct mt_ip local_ip;
+	struct mt_ip remote_ip;
+	__u16 local_port;
+	__u16 remote_port;
+};
+
+/* Per-CPU counters; user space sums them over CPUs. Every path through a program counts. */
+struct mt_counters {
+	__u64 sock_inserted;      /* sockets put into the sockhash */
+	__u64 sock_insert_failed; /* bpf_sock_hash_update failed (all causes) */
+	__u64 sock_insert_busy;   /* ... with EBUSY: another sockmap owner holds the socket */
+	__u64 sock_insert_full;   /* ... with E2BIG/ENOMEM: the sockhash is full */
+	__u64 sock_skipped;       /* established in the cgroup but not a mesh pair */
+	__u64 msg_redirected;     /* sends redirected to the peer socket */
+	__u64 bytes_redirected;
+	__u64 msg_fallthrough;    /* sends whose peer was not in the sockhash: normal TCP path */
+	__u64 bytes_fallthrough;
+	__u64 msg_tcp_only;       /* sends of a socket kept on TCP after an earlier miss */
+	__u64 bytes_tcp_only;
+	__u64 sk_state_failed;    /* mesh sockets without state: not inserted / not redirected */
+	__u64 sock_demoted;       /* sockets moved to TCP for streaming small writes */
+};
+
+/* Per-socket state (socket local storage). */
+struct mt_sk_state {
+	__u32 flags;
+};
+
+/* Per connection (keyed by the key of its lower end, see mt_key_less): which end sent last
+ * and how many small sends it made in a row. Heuristic state only: losing an entry (LRU)
+ * just starts the count again. */
+struct mt_pair_state {
+	__u32 last_sender; /* 1: the lower end, 2: the other; 0: none yet */
+	__u32 small_run;
+};
+
+/* The kernel stores the remote port as a 16-bit network-order value shifted into the upper
+ * half of a 32-bit field (on little endian); bpf_ntohl turns that into the host-order port.
+ * local_port is already host order. */
+static __always_inline __u16 mt_port_from_ctx(__u32 remote_port)
+{
+	return (__u16)bpf_ntohl(remote_port);
+}
+
+static __always_inline void mt_ip_from_v4(struct mt_ip *ip, __u32 addr)
+{
+	ip->addr[0] = 0;
+	ip->addr[1] = 0;
+	ip->addr[2] = bpf_htonl(0x0000ffff);
+	ip->addr[3] = addr;
+}
+
+static __always_inline int mt_ip_is_loopback(const struct mt_ip *ip)
+{
+	if (ip->addr[0] != 0 || ip->addr[1] != 0)
+		return 0;
+	if (ip->addr[2] == bpf_htonl(0x0000ffff))
+		return (bpf_ntohl(ip->addr[3]) >> 24) == 127;
+	return ip->addr[2] == 0 && ip->addr[3] == bpf_htonl(1);
+}
+
+/* A total order on the two ends of a connection that both ends compute alike. */
+static __always_inline int mt_key_less(const struct mt_sock_key *a, const struct mt_sock_key *b)
+{
+	if (a->local_port != b->local_port)
+		return a->local_port < b->local_port;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (a->local_ip.addr[i] != b->local_ip.addr[i])
+			return a->local_ip.addr[i] < b->local_ip.addr[i];
+	}
+	return 0;
+}
+
+#endif /* MESHTURBO_MESH_H */

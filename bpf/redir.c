@@ -1,0 +1,128 @@
+//go:build ignore
+
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* redir.c: sk_msg verdict on mt_sockhash: hand each send straight to the peer socket's
+ * ingress queue. Whatever can't be redirected goes the normal TCP path: this program always
+ * returns SK_PASS, since returning the helper's SK_DROP would drop the data.
+ *
+ * Redirecting wins for request/response and for large writes, but loses for a stream of
+ * small writes: each send then travels and wakes the reader alone, where TCP would have
+ * coalesced them. So a socket that sends mt_small_run small (< mt_small_msg bytes) messages
+ * in a row, with no send of its peer in between (which a request/response exchange has),
+ * is moved to the TCP path for good (MT_SK_TCP_ONLY). The run is kept per connection in
+ * mt_pairs, since an sk_msg program can't reach its peer socket's storage. */
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "headers/mesh.h"
+#include "headers/maps.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* Set by the loader. mt_small_msg 0 turns the small-write rule off (naive redirect). */
+volatile const __u32 mt_small_msg = 16384;
+volatile const __u32 mt_small_run = 16;
+
+/* The peer's key: this socket's key with the ends swapped. */
+static __always_inline int mt_peer_key_from_msg(struct sk_msg_md *msg, struct mt_sock_key *key)
+{
+	__u32 family = msg->family;
+
+	if (family == AF_INET) {
+		mt_ip_from_v4(&key->local_ip, msg->remote_ip4);
+		mt_ip_from_v4(&key->remote_ip, msg->local_ip4);
+	} else if (family == AF_INET6) {
+		key->local_ip.addr[0] = msg->remote_ip6[0];
+		key->local_ip.addr[1] = msg->remote_ip6[1];
+		key->local_ip.addr[2] = msg->remote_ip6[2];
+		key->local_ip.addr[3] = msg->remote_ip6[3];
+		key->remote_ip.addr[0] = msg->local_ip6[0];
+		key->remote_ip.addr[1] = msg->local_ip6[1];
+		key->remote_ip.addr[2] = msg->local_ip6[2];
+		key->remote_ip.addr[3] = msg->local_ip6[3];
+	} else {
+		return -1;
+	}
+	key->local_port = mt_port_from_ctx(msg->remote_port);
+	key->remote_port = (__u16)msg->local_port;
+	return 0;
+}
+
+static __always_inline int mt_keep_on_tcp(struct mt_counters *c, __u64 size)
+{
+	mt_count(c, msg_tcp_only, 1);
+	mt_count(c, bytes_tcp_only, size);
+	return SK_PASS;
+}
+
+SEC("sk_msg")
+int mt_redir(struct sk_msg_md *msg)
+{
+	struct mt_sock_key peer = {};
+	struct mt_sk_state *st;
+	struct mt_counters *c;
+	__u64 size = msg->size;
+
+	c = mt_counters_get();
+	if (!c)
+		return SK_PASS;
+
+	/* sockops created the state before inserting the socket; without it (not expected),
+	 * never redirect, so the socket's bytes all take one path. */
+	st = bpf_sk_storage_get(&mt_sk_storage, msg->sk, 0, 0);
+	if (!st) {
+		mt_count(c, sk_state_failed, 1);
+		return mt_keep_on_tcp(c, size);
+	}
+	if (st->flags & MT_SK_TCP_ONLY)
+		return mt_keep_on_tcp(c, size);
+	if (mt_peer_key_from_msg(msg, &peer) < 0) {
+		st->flags |= MT_SK_TCP_ONLY;
+		return mt_keep_on_tcp(c, size);
+	}
+
+	if (mt_small_msg) {
+		struct mt_sock_key own = {
+			.local_ip = peer.remote_ip,
+			.remote_ip = peer.local_ip,
+			.local_port = peer.remote_port,
+			.remote_port = peer.local_port,
+		};
+		__u32 side = mt_key_less(&own, &peer) ? 1 : 2;
+		struct mt_sock_key *ck = side == 1 ? &own : &peer;
+		struct mt_pair_state *ps = bpf_map_lookup_elem(&mt_pairs, ck);
+
+		if (!ps) {
+			struct mt_pair_state fresh = {.last_sender = side};
+
+			bpf_map_update_elem(&mt_pairs, ck, &fresh, BPF_NOEXIST);
+			ps = bpf_map_lookup_elem(&mt_pairs, ck);
+		}
+		if (ps) {
+			if (ps->last_sender != side) { /* the peer spoke since: a new run */
+				ps->last_sender = side;
+				ps->small_run = 0;
+			}
+			if (size >= mt_small_msg) {
+				ps->small_run = 0;
+			} else if (++ps->small_run >= mt_small_run) {
+				st->flags |= MT_SK_TCP_ONLY;
+				mt_count(c, sock_demoted, 1);
+				return mt_keep_on_tcp(c, size);
+			}
+		}
+	}
+
+	if (bpf_msg_redirect_hash(msg, &mt_sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
+		mt_count(c, msg_redirected, 1);
+		mt_count(c, bytes_redirected, size);
+		return SK_PASS;
+	}
+
+	/* Missed: this send takes the TCP path, and so must every later one of this socket. */
+	st->flags |= MT_SK_TCP_ONLY;
+	mt_count(c, msg_fallthrough, 1);
+	mt_count(c, bytes_fallthrough, size);
+	return SK_PASS;
+}

@@ -1,0 +1,94 @@
+//go:build ignore
+
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* sockops.c: on a cgroup v2 path, put established TCP sockets of mesh pairs into mt_sockhash. */
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "headers/mesh.h"
+#include "headers/maps.h"
+
+#define EBUSY 16
+#define ENOMEM 12
+#define E2BIG 7
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+static __always_inline int mt_key_from_sockops(struct bpf_sock_ops *skops, struct mt_sock_key *key)
+{
+	__u32 family = skops->family;
+
+	if (family == AF_INET) {
+		mt_ip_from_v4(&key->local_ip, skops->local_ip4);
+		mt_ip_from_v4(&key->remote_ip, skops->remote_ip4);
+	} else if (family == AF_INET6) {
+		key->local_ip.addr[0] = skops->local_ip6[0];
+		key->local_ip.addr[1] = skops->local_ip6[1];
+		key->local_ip.addr[2] = skops->local_ip6[2];
+		key->local_ip.addr[3] = skops->local_ip6[3];
+		key->remote_ip.addr[0] = skops->remote_ip6[0];
+		key->remote_ip.addr[1] = skops->remote_ip6[1];
+		key->remote_ip.addr[2] = skops->remote_ip6[2];
+		key->remote_ip.addr[3] = skops->remote_ip6[3];
+	} else {
+		return -1;
+	}
+	key->local_port = (__u16)skops->local_port;
+	key->remote_port = mt_port_from_ctx(skops->remote_port);
+	return 0;
+}
+
+static __always_inline int mt_is_mesh_pair(const struct mt_sock_key *key)
+{
+	if (bpf_map_lookup_elem(&mt_mesh_ips, &key->local_ip) &&
+	    bpf_map_lookup_elem(&mt_mesh_ips, &key->remote_ip))
+		return 1;
+	if (mt_ip_is_loopback(&key->local_ip) && mt_ip_is_loopback(&key->remote_ip) &&
+	    (bpf_map_lookup_elem(&mt_mesh_ports, &key->local_port) ||
+	     bpf_map_lookup_elem(&mt_mesh_ports, &key->remote_port)))
+		return 1;
+	return 0;
+}
+
+SEC("sockops")
+int mt_sockops(struct bpf_sock_ops *skops)
+{
+	struct mt_sock_key key = {};
+	struct mt_counters *c;
+	long err;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		break;
+	default:
+		return 1;
+	}
+	c = mt_counters_get();
+	if (!c)
+		return 1;
+	if (mt_key_from_sockops(skops, &key) < 0 || !mt_is_mesh_pair(&key)) {
+		mt_count(c, sock_skipped, 1);
+		return 1;
+	}
+	/* The sk_msg program keeps per-socket state; a socket without it is never inserted, so
+	 * that every socket in the sockhash can be switched to TCP for good when needed. */
+	if (!skops->sk ||
+	    !bpf_sk_storage_get(&mt_sk_storage, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE)) {
+		mt_count(c, sock_insert_failed, 1);
+		mt_count(c, sk_state_failed, 1);
+		return 1;
+	}
+	err = bpf_sock_hash_update(skops, &mt_sockhash, &key, BPF_NOEXIST);
+	if (err) {
+		mt_count(c, sock_insert_failed, 1);
+		if (err == -EBUSY)
+			mt_count(c, sock_insert_busy, 1);
+		else if (err == -E2BIG || err == -ENOMEM)
+			mt_count(c, sock_insert_full, 1);
+		return 1;
+	}
+	mt_count(c, sock_inserted, 1);
+	return 1;
+}

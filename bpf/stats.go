@@ -1,0 +1,74 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// Stats are the programs' counters, summed over CPUs. They live in a pinned map, so they
+// survive agent restarts.
+type Stats struct {
+	// SocketsInserted counts sockets put into the sockhash.
+	SocketsInserted uint64 `json:"sockets_inserted"`
+	// InsertFailed counts failed inserts of mesh sockets (never silent); InsertBusy and
+	// InsertFull are the parts due to another sockmap owner (EBUSY) and a full sockhash.
+	InsertFailed uint64 `json:"insert_failed"`
+	InsertBusy   uint64 `json:"insert_busy"`
+	InsertFull   uint64 `json:"insert_full"`
+	// SocketsSkipped counts established sockets in the cgroup that are not mesh pairs.
+	SocketsSkipped uint64 `json:"sockets_skipped"`
+	// MsgRedirected and BytesRedirected count sends handed straight to the peer socket.
+	MsgRedirected   uint64 `json:"msg_redirected"`
+	BytesRedirected uint64 `json:"bytes_redirected"`
+	// MsgFallthrough and BytesFallthrough count sends whose peer was not in the sockhash;
+	// they took the normal TCP path.
+	MsgFallthrough   uint64 `json:"msg_fallthrough"`
+	BytesFallthrough uint64 `json:"bytes_fallthrough"`
+	// MsgTCPOnly and BytesTCPOnly count sends of sockets kept on the TCP path: after an
+	// earlier miss (so that their bytes can't be read out of order) or for streaming small
+	// writes.
+	MsgTCPOnly   uint64 `json:"msg_tcp_only"`
+	BytesTCPOnly uint64 `json:"bytes_tcp_only"`
+	// SocketsDemoted counts sockets moved to the TCP path for streaming small writes
+	// (Config.SmallMsg); their later sends count in MsgTCPOnly.
+	SocketsDemoted uint64 `json:"sockets_demoted"`
+	// StateFailed counts mesh sockets left out because their per-socket state could not
+	// be made (also counted in InsertFailed), and sends of sockets without it.
+	StateFailed uint64 `json:"state_failed"`
+}
+
+// Stats reads the counters.
+func (a *Agent) Stats() (Stats, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		return Stats{}, errors.New("bpf: stats: agent closed")
+	}
+	return readStats(a.sockops.MtStats)
+}
+
+func readStats(m *ebpf.Map) (Stats, error) {
+	var per []sockopsMtCounters
+	if err := m.Lookup(uint32(0), &per); err != nil {
+		return Stats{}, fmt.Errorf("bpf: read counters: %w", err)
+	}
+	var s Stats
+	for _, c := range per {
+		s.SocketsInserted += c.SockInserted
+		s.InsertFailed += c.SockInsertFailed
+		s.InsertBusy += c.SockInsertBusy
+		s.InsertFull += c.SockInsertFull
+		s.SocketsSkipped += c.SockSkipped
+		s.MsgRedirected += c.MsgRedirected
+		s.BytesRedirected += c.BytesRedirected
+		s.MsgFallthrough += c.MsgFallthrough
+		s.BytesFallthrough += c.BytesFallthrough
+		s.MsgTCPOnly += c.MsgTcpOnly
+		s.BytesTCPOnly += c.BytesTcpOnly
+		s.StateFailed += c.SkStateFailed
+		s.SocketsDemoted += c.SockDemoted
+	}
+	return s, nil
+}

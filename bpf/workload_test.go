@@ -1,0 +1,536 @@
+package bpf
+
+// The workload: the socket side of the tests, run in a child process (this test binary
+// re-executed with envWorkload set) that starts inside the test cgroup (clone3 with
+// CLONE_INTO_CGROUP), because sockops sees only sockets made by tasks in the cgroup. The
+// parent drives it with one JSON request per line on stdin and reads one JSON reply per
+// line on stdout.
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const envWorkload = "MESHTURBO_BPF_TEST_WORKLOAD"
+
+type wlRequest struct {
+	Op   string `json:"op"`
+	Addr string `json:"addr,omitempty"` // listen or dial address
+	From string `json:"from,omitempty"` // local IP to dial from
+	N    int    `json:"n,omitempty"`
+	// stream: bytes per direction per pair, write sizes in [MinWrite, MaxWrite].
+	Bytes    int64  `json:"bytes,omitempty"`
+	MinWrite int    `json:"min_write,omitempty"`
+	MaxWrite int    `json:"max_write,omitempty"`
+	Seed     uint64 `json:"seed,omitempty"`
+	OneWay   bool   `json:"one_way,omitempty"` // stream: client to server only
+}
+
+type wlSock struct {
+	Local  netip.AddrPort `json:"local"`
+	Remote netip.AddrPort `json:"remote"`
+	Cookie uint64         `json:"cookie"`
+}
+
+type wlPair struct {
+	Client wlSock `json:"client"`
+	Server wlSock `json:"server"`
+}
+
+type wlReply struct {
+	Err   string   `json:"err,omitempty"`
+	Addr  string   `json:"addr,omitempty"`
+	Pairs []wlPair `json:"pairs,omitempty"`
+	// Bytes moved (both directions, all pairs) and problems found.
+	Bytes    int64    `json:"bytes,omitempty"`
+	Problems []string `json:"problems,omitempty"`
+	Seen     []string `json:"seen,omitempty"`
+}
+
+// workloadMain serves requests until stdin closes.
+func workloadMain() int {
+	w := &wlState{accepted: map[uint16]chan net.Conn{}}
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<20)
+	out := json.NewEncoder(os.Stdout)
+	for in.Scan() {
+		var req wlRequest
+		var rep wlReply
+		if err := json.Unmarshal(in.Bytes(), &req); err != nil {
+			rep.Err = err.Error()
+		} else if err := w.do(req, &rep); err != nil {
+			rep.Err = err.Error()
+		}
+		if err := out.Encode(rep); err != nil {
+			return 1
+		}
+	}
+	w.closeAll()
+	return 0
+}
+
+type wlConnPair struct {
+	client, server *net.TCPConn
+	// sent by client and not yet read by server (op "send"/"recv")
+	pending []byte
+}
+
+type wlState struct {
+	mu        sync.Mutex
+	listeners []net.Listener
+	accepted  map[uint16]chan net.Conn // by the client's port
+	pairs     []*wlConnPair
+}
+
+func (w *wlState) acceptChan(port uint16) chan net.Conn {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	ch, ok := w.accepted[port]
+	if !ok {
+		ch = make(chan net.Conn, 1)
+		w.accepted[port] = ch
+	}
+	return ch
+}
+
+func (w *wlState) do(req wlRequest, rep *wlReply) error {
+	switch req.Op {
+	case "listen":
+		l, err := net.Listen("tcp", req.Addr)
+		if err != nil {
+			return err
+		}
+		w.listeners = append(w.listeners, l)
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				port := c.RemoteAddr().(*net.TCPAddr).AddrPort().Port()
+				w.acceptChan(port) <- c
+			}
+		}()
+		rep.Addr = l.Addr().String()
+		return nil
+	case "pairs":
+		for range req.N {
+			p, err := w.dial(req.Addr, req.From)
+			if err != nil {
+				return err
+			}
+			w.pairs = append(w.pairs, p)
+			rep.Pairs = append(rep.Pairs, wlPair{Client: sockInfo(p.client), Server: sockInfo(p.server)})
+		}
+		return nil
+	case "stream":
+		rep.Bytes, rep.Problems = w.stream(req)
+		return nil
+	case "send":
+		return w.send(req)
+	case "recv":
+		rep.Bytes, rep.Problems = w.recv()
+		return nil
+	case "close":
+		w.closePairs()
+		return nil
+	case "rst":
+		rep.Seen, rep.Problems = w.rst()
+		return nil
+	case "churn":
+		return w.churn(req, rep)
+	case "pingpong":
+		return w.pingpong(req, rep)
+	case "join": // move this process into the cgroup req.Addr; earlier sockets stay outside
+		return os.WriteFile(filepath.Join(req.Addr, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
+	}
+	return fmt.Errorf("unknown op %q", req.Op)
+}
+
+func (w *wlState) dial(addr, from string) (*wlConnPair, error) {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	port := c.LocalAddr().(*net.TCPAddr).AddrPort().Port()
+	ch := w.acceptChan(port)
+	select {
+	case s := <-ch:
+		w.mu.Lock()
+		delete(w.accepted, port)
+		w.mu.Unlock()
+		return &wlConnPair{client: c.(*net.TCPConn), server: s.(*net.TCPConn)}, nil
+	case <-time.After(5 * time.Second):
+		c.Close()
+		return nil, fmt.Errorf("no accept for client port %d", port)
+	}
+}
+
+func sockInfo(c *net.TCPConn) wlSock {
+	s := wlSock{
+		Local:  c.LocalAddr().(*net.TCPAddr).AddrPort(),
+		Remote: c.RemoteAddr().(*net.TCPAddr).AddrPort(),
+	}
+	s.Local = netip.AddrPortFrom(s.Local.Addr().Unmap(), s.Local.Port())
+	s.Remote = netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port())
+	if rc, err := c.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) {
+			s.Cookie, _ = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
+		})
+	}
+	return s
+}
+
+// writeStream writes n deterministic bytes in writes of random sizes, then half-closes,
+// and returns the sha256 of what it wrote.
+func writeStream(c *net.TCPConn, n int64, minW, maxW int, seed uint64) (string, error) {
+	src := rand.NewChaCha8(seedBytes(seed))
+	rng := rand.New(src)
+	buf := make([]byte, maxW)
+	h := sha256.New()
+	for n > 0 {
+		size := minW
+		if maxW > minW {
+			size += rng.IntN(maxW - minW + 1)
+		}
+		size = int(min(int64(size), n))
+		chunk := buf[:size]
+		_, _ = src.Read(chunk)
+		if _, err := c.Write(chunk); err != nil {
+			return "", err
+		}
+		h.Write(chunk)
+		n -= int64(size)
+	}
+	if err := c.CloseWrite(); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+func seedBytes(seed uint64) [32]byte {
+	var s [32]byte
+	for i := range 8 {
+		s[i] = byte(seed >> (8 * i))
+	}
+	return s
+}
+
+// readStream reads to EOF and returns the byte count and sha256.
+func readStream(c *net.TCPConn) (int64, string, error) {
+	h := sha256.New()
+	n, err := io.CopyBuffer(h, c, make([]byte, 256<<10))
+	return n, hex.EncodeToString(h.Sum(nil)), err
+}
+
+// stream sends req.Bytes each way over every pair at once, half-closes each direction, and
+// compares what arrived with what was sent. The pairs are closed afterwards.
+func (w *wlState) stream(req wlRequest) (int64, []string) {
+	var mu sync.Mutex
+	var total int64
+	var problems []string
+	fail := func(format string, args ...any) {
+		mu.Lock()
+		problems = append(problems, fmt.Sprintf(format, args...))
+		mu.Unlock()
+	}
+	var wg sync.WaitGroup
+	for i, p := range w.pairs {
+		for dir, ends := range [2][2]*net.TCPConn{{p.client, p.server}, {p.server, p.client}} {
+			if req.OneWay && dir == 1 {
+				_ = p.server.CloseWrite()
+				continue
+			}
+			wg.Add(2)
+			seed := req.Seed + uint64(i)*2 + uint64(dir)
+			sent := make(chan string, 1)
+			go func() {
+				defer wg.Done()
+				sum, err := writeStream(ends[0], req.Bytes, req.MinWrite, req.MaxWrite, seed)
+				if err != nil {
+					fail("pair %d dir %d: write: %v", i, dir, err)
+				}
+				sent <- sum
+			}()
+			go func() {
+				defer wg.Done()
+				n, sum, err := readStream(ends[1])
+				if err != nil {
+					fail("pair %d dir %d: read: %v", i, dir, err)
+				}
+				if want := <-sent; n != req.Bytes || sum != want {
+					fail("pair %d dir %d: got %d bytes sha256 %.12s, sent %d bytes sha256 %.12s", i, dir, n, sum, req.Bytes, want)
+				}
+				mu.Lock()
+				total += n
+				mu.Unlock()
+			}()
+		}
+	}
+	wg.Wait()
+	w.closePairs()
+	return total, problems
+}
+
+// send writes req.Bytes from every client without the server reading.
+func (w *wlState) send(req wlRequest) error {
+	for i, p := range w.pairs {
+		b := make([]byte, req.Bytes)
+		_, _ = rand.NewChaCha8(seedBytes(req.Seed + uint64(i))).Read(b)
+		if err := p.client.SetWriteDeadline(time.Now().Add(10 * time.Second)); err != nil {
+			return err
+		}
+		if _, err := p.client.Write(b); err != nil {
+			return fmt.Errorf("pair %d: write: %w", i, err)
+		}
+		p.pending = append(p.pending, b...)
+	}
+	return nil
+}
+
+// recv reads on every server exactly the bytes sent by "send" and compares them.
+func (w *wlState) recv() (int64, []string) {
+	var total int64
+	var problems []string
+	for i, p := range w.pairs {
+		got := make([]byte, len(p.pending))
+		_ = p.server.SetReadDeadline(time.Now().Add(10 * time.Second))
+		n, err := io.ReadFull(p.server, got)
+		total += int64(n)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("pair %d: read %d of %d: %v", i, n, len(p.pending), err))
+		} else if !bytes.Equal(got, p.pending) {
+			problems = append(problems, fmt.Sprintf("pair %d: %d bytes differ from what was sent", i, n))
+		}
+		p.pending = nil
+		_ = p.server.SetReadDeadline(time.Time{})
+	}
+	return total, problems
+}
+
+// rst: on even pairs the client resets (SO_LINGER 0), on odd pairs the server; the other
+// end, blocked in read, must see ECONNRESET promptly after having read all earlier bytes.
+func (w *wlState) rst() ([]string, []string) {
+	var seen, problems []string
+	for i, p := range w.pairs {
+		closer, reader := p.client, p.server
+		if i%2 == 1 {
+			closer, reader = p.server, p.client
+		}
+		msg := []byte("before the reset")
+		if _, err := closer.Write(msg); err != nil {
+			problems = append(problems, fmt.Sprintf("pair %d: write: %v", i, err))
+			continue
+		}
+		got := make([]byte, len(msg))
+		_ = reader.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(reader, got); err != nil || !bytes.Equal(got, msg) {
+			problems = append(problems, fmt.Sprintf("pair %d: read before reset: %q %v", i, got, err))
+			continue
+		}
+		done := make(chan error, 1)
+		go func() {
+			_, err := reader.Read(make([]byte, 10))
+			done <- err
+		}()
+		time.Sleep(5 * time.Millisecond) // let the reader block in read
+		_ = closer.SetLinger(0)
+		_ = closer.Close()
+		err := <-done
+		switch {
+		case errors.Is(err, syscall.ECONNRESET):
+			seen = append(seen, "ECONNRESET")
+		case errors.Is(err, io.EOF):
+			seen = append(seen, "EOF")
+		default:
+			problems = append(problems, fmt.Sprintf("pair %d: read after reset: %v", i, err))
+		}
+		reader.Close()
+	}
+	w.pairs = nil
+	return seen, problems
+}
+
+// churn opens, uses (one byte each way) and closes req.N connections one after another.
+func (w *wlState) churn(req wlRequest, rep *wlReply) error {
+	b := make([]byte, 1)
+	for i := range req.N {
+		p, err := w.dial(req.Addr, req.From)
+		if err != nil {
+			return fmt.Errorf("connection %d: %w", i, err)
+		}
+		_, err1 := p.client.Write([]byte{byte(i)})
+		_, err2 := io.ReadFull(p.server, b)
+		_, err3 := p.server.Write(b)
+		_, err4 := io.ReadFull(p.client, b)
+		p.client.Close()
+		p.server.Close()
+		if err := errors.Join(err1, err2, err3, err4); err != nil || b[0] != byte(i) {
+			return fmt.Errorf("connection %d: %v (byte %d)", i, err, b[0])
+		}
+		rep.Bytes += 2
+	}
+	return nil
+}
+
+// pingpong makes req.N round trips of req.MinWrite bytes on every pair, one pair at a time.
+func (w *wlState) pingpong(req wlRequest, rep *wlReply) error {
+	msg := make([]byte, req.MinWrite)
+	got := make([]byte, req.MinWrite)
+	for i, p := range w.pairs {
+		for j := range req.N {
+			msg[0] = byte(j)
+			if _, err := p.client.Write(msg); err != nil {
+				return fmt.Errorf("pair %d: %w", i, err)
+			}
+			if _, err := io.ReadFull(p.server, got); err != nil || got[0] != byte(j) {
+				return fmt.Errorf("pair %d: server read %v", i, err)
+			}
+			if _, err := p.server.Write(got); err != nil {
+				return fmt.Errorf("pair %d: %w", i, err)
+			}
+			if _, err := io.ReadFull(p.client, got); err != nil || got[0] != byte(j) {
+				return fmt.Errorf("pair %d: client read %v", i, err)
+			}
+			rep.Bytes += 2 * int64(len(msg))
+		}
+	}
+	return nil
+}
+
+func (w *wlState) closePairs() {
+	for _, p := range w.pairs {
+		p.client.Close()
+		p.server.Close()
+	}
+	w.pairs = nil
+}
+
+func (w *wlState) closeAll() {
+	w.closePairs()
+	for _, l := range w.listeners {
+		l.Close()
+	}
+}
+
+// workload is the parent's handle on a workload child.
+type workload struct {
+	t     testing.TB
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	out   *bufio.Scanner
+	done  chan error
+}
+
+// startWorkload starts a workload child, inside cgroupDir unless it is "".
+func startWorkload(t testing.TB, cgroupDir string) *workload {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), envWorkload+"=1")
+	cmd.Stderr = &testLogWriter{t: t}
+	if cgroupDir != "" {
+		f, err := os.Open(cgroupDir)
+		if err != nil {
+			t.Fatalf("open cgroup: %v", err)
+		}
+		defer f.Close()
+		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
+	}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start workload: %v", err)
+	}
+	w := &workload{t: t, cmd: cmd, stdin: stdin, out: bufio.NewScanner(stdout), done: make(chan error, 1)}
+	w.out.Buffer(make([]byte, 1<<20), 64<<20)
+	t.Cleanup(w.stop)
+	return w
+}
+
+func (w *workload) stop() {
+	if w.stdin == nil {
+		return
+	}
+	w.stdin.Close()
+	w.stdin = nil
+	exited := make(chan error, 1)
+	go func() { exited <- w.cmd.Wait() }()
+	select {
+	case err := <-exited:
+		if err != nil {
+			w.t.Errorf("workload exited: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		_ = w.cmd.Process.Kill()
+		<-exited
+		w.t.Errorf("workload did not exit within 20s; killed")
+	}
+}
+
+// call sends one request and returns the reply; a reply error fails the test.
+func (w *workload) call(req wlRequest) wlReply {
+	w.t.Helper()
+	rep, err := w.try(req)
+	if err != nil {
+		w.t.Fatalf("workload %s: %v", req.Op, err)
+	}
+	return rep
+}
+
+func (w *workload) try(req wlRequest) (wlReply, error) {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return wlReply{}, err
+	}
+	if _, err := w.stdin.Write(append(b, '\n')); err != nil {
+		return wlReply{}, err
+	}
+	if !w.out.Scan() {
+		return wlReply{}, fmt.Errorf("no reply: %v", w.out.Err())
+	}
+	var rep wlReply
+	if err := json.Unmarshal(w.out.Bytes(), &rep); err != nil {
+		return wlReply{}, err
+	}
+	if rep.Err != "" {
+		return rep, errors.New(rep.Err)
+	}
+	return rep, nil
+}
+
+type testLogWriter struct{ t testing.TB }
+
+func (w *testLogWriter) Write(p []byte) (int, error) {
+	w.t.Log("workload: " + strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshturbo/meshturbo/bpf"
+)
+
+// collector exports the agent's counters at scrape time.
+type collector struct {
+	n *node
+
+	enabled, sockets, inserted, insertFailed, skipped, demoted, msgs, bytes *prometheus.Desc
+}
+
+func newCollector(n *node) *collector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("meshturbo_accel_"+name, help, labels, nil)
+	}
+	return &collector{
+		n:            n,
+		enabled:      d("enabled", "1 while acceleration is on; 0 in fallback (the kernel lacks a feature)."),
+		sockets:      d("sockets", "Sockets in the sockhash now (two per accelerated connection)."),
+		inserted:     d("sockets_inserted_total", "Sockets put into the sockhash."),
+		insertFailed: d("insert_failed_total", "Mesh sockets that could not be put into the sockhash, by reason (busy: another sockmap owner; full; other).", "reason"),
+		skipped:      d("sockets_skipped_total", "Established sockets in the cgroup that are not mesh pairs."),
+		demoted:      d("sockets_demoted_total", "Sockets moved to the TCP path for good because they streamed small writes."),
+		msgs:         d("messages_total", "Sends seen by the sk_msg program, by path (redirected; fallthrough: peer not in the sockhash; tcp_only: socket kept on TCP after a miss or for streaming small writes).", "path"),
+		bytes:        d("bytes_total", "Bytes of those sends, by path.", "path"),
+	}
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.enabled, c.sockets, c.inserted, c.insertFailed, c.skipped, c.demoted, c.msgs, c.bytes} {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	if c.n.agent == nil {
+		gauge(c.enabled, 0)
+		return
+	}
+	gauge(c.enabled, 1)
+	if keys, err := c.n.agent.Sockets(); err == nil {
+		gauge(c.sockets, float64(len(keys)))
+	}
+	s, err := c.n.agent.Stats()
+	if err != nil {
+		return
+	}
+	collectStats(s, counter, c)
+}
+
+func collectStats(s bpf.Stats, counter func(*prometheus.Desc, uint64, ...string), c *collector) {
+	counter(c.inserted, s.SocketsInserted)
+	counter(c.insertFailed, s.InsertBusy, "busy")
+	counter(c.insertFailed, s.InsertFull, "full")
+	counter(c.insertFailed, s.InsertFailed-s.InsertBusy-s.InsertFull, "other")
+	counter(c.skipped, s.SocketsSkipped)
+	counter(c.demoted, s.SocketsDemoted)
+	counter(c.msgs, s.MsgRedirected, "redirected")
+	counter(c.msgs, s.MsgFallthrough, "fallthrough")
+	counter(c.msgs, s.MsgTCPOnly, "tcp_only")
+	counter(c.bytes, s.BytesRedirected, "redirected")
+	counter(c.bytes, s.BytesFallthrough, "fallthrough")
+	counter(c.bytes, s.BytesTCPOnly, "tcp_only")
+}

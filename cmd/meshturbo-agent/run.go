@@ -1,0 +1,270 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshturbo/meshturbo/bpf"
+	"github.com/meshturbo/meshturbo/internal/admin"
+)
+
+// mesh is the mesh set: from flags or from the mesh file.
+type mesh struct {
+	IPs          []netip.Addr `json:"ips"`
+	SidecarPorts []uint16     `json:"sidecar_ports"`
+}
+
+func (a args) flagMesh() (mesh, error) {
+	var m mesh
+	for _, s := range splitList(a.meshIPs) {
+		ip, err := netip.ParseAddr(s)
+		if err != nil {
+			return mesh{}, fmt.Errorf("-mesh-ips: %w", err)
+		}
+		m.IPs = append(m.IPs, ip)
+	}
+	for _, s := range splitList(a.sidecarPorts) {
+		p, err := strconv.ParseUint(s, 10, 16)
+		if err != nil || p == 0 {
+			return mesh{}, fmt.Errorf("-sidecar-ports: %q is not a port", s)
+		}
+		m.SidecarPorts = append(m.SidecarPorts, uint16(p))
+	}
+	return m, nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+func readMeshFile(path string) (mesh, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return mesh{}, fmt.Errorf("mesh file: %w", err)
+	}
+	var m mesh
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&m); err != nil {
+		return mesh{}, fmt.Errorf("mesh file %s: %w", path, err)
+	}
+	if slices.Contains(m.SidecarPorts, 0) {
+		return mesh{}, fmt.Errorf("mesh file %s: sidecar port 0", path)
+	}
+	return m, nil
+}
+
+func isCgroup2(path string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(path, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
+}
+
+// status is served on /v1/accel.
+type status struct {
+	Accelerating bool `json:"accelerating"`
+	// FallbackReason says why acceleration is off; traffic then takes the normal path.
+	FallbackReason string              `json:"fallback_reason,omitempty"`
+	Features       []bpf.FeatureStatus `json:"features"`
+	State          *bpf.State          `json:"state,omitempty"`
+	Stats          *bpf.Stats          `json:"stats,omitempty"`
+	Sockets        int                 `json:"accelerated_sockets"`
+	Error          string              `json:"error,omitempty"`
+}
+
+// node is the running agent, or its fallback when the kernel can't accelerate.
+type node struct {
+	agent    *bpf.Agent // nil when acceleration is off
+	fallback string
+	features []bpf.FeatureStatus
+	mu       sync.Mutex
+	meshErr  string
+}
+
+func (n *node) status() status {
+	st := status{Accelerating: n.agent != nil, FallbackReason: n.fallback, Features: n.features}
+	if n.agent == nil {
+		return st
+	}
+	s := n.agent.State()
+	st.State = &s
+	var errs []string
+	if stats, err := n.agent.Stats(); err == nil {
+		st.Stats = &stats
+	} else {
+		errs = append(errs, err.Error())
+	}
+	if keys, err := n.agent.Sockets(); err == nil {
+		st.Sockets = len(keys)
+	} else {
+		errs = append(errs, err.Error())
+	}
+	n.mu.Lock()
+	if n.meshErr != "" {
+		errs = append(errs, n.meshErr)
+	}
+	n.mu.Unlock()
+	st.Error = strings.Join(errs, "; ")
+	return st
+}
+
+func run(ctx context.Context, a args, log *slog.Logger) (err error) {
+	m, err := a.flagMesh()
+	if err != nil {
+		return err
+	}
+	if a.meshFile != "" {
+		if m, err = readMeshFile(a.meshFile); err != nil {
+			return err
+		}
+	}
+	var opts []bpf.Option
+	if a.probeFailure != "" {
+		opts = append(opts, bpf.WithProbeFailure(a.probeFailure))
+	}
+	n := &node{}
+	n.features, _ = bpf.Probe(opts...)
+	n.agent, err = bpf.New(bpf.Config{
+		CgroupPath:    a.cgroup,
+		PinPath:       a.pinPath,
+		MeshIPs:       m.IPs,
+		SidecarPorts:  m.SidecarPorts,
+		MaxConns:      uint32(a.maxConns),
+		SmallMsg:      uint32(a.smallMsg),
+		SmallRun:      uint32(a.smallRun),
+		NaiveRedirect: a.naive,
+	}, opts...)
+	switch {
+	case errors.Is(err, ebpf.ErrNotSupported):
+		// Keep running without acceleration: traffic is untouched, the status says why.
+		n.fallback = err.Error()
+		log.Warn("acceleration off: the kernel lacks a feature; traffic takes the normal path", "error", err)
+	case err != nil:
+		return err
+	default:
+		defer func() { err = errors.Join(err, n.agent.Close()) }() // pins stay: acceleration goes on
+		st := n.agent.State()
+		log.Info("acceleration on", "cgroup", st.CgroupPath, "pin_path", st.PinPath,
+			"adopted", adoptedCount(st), "replaced_maps", len(st.ReplacedMaps),
+			"mesh_ips", len(m.IPs), "sidecar_ports", m.SidecarPorts)
+		for _, r := range st.ReplacedMaps {
+			log.Warn("pinned map replaced: its layout changed; its live connections drain", "map", r.Name, "reason", r.Reason)
+		}
+		if len(st.OtherSockOps) > 0 {
+			log.Warn("other sockops programs run on this cgroup; sockets they claim are not accelerated (insert_busy)",
+				"program_ids", st.OtherSockOps)
+		}
+	}
+
+	adm, err := admin.New(admin.Config{Addr: a.adminAddr, Logger: log})
+	if err != nil {
+		return err
+	}
+	adm.HandleJSON("/v1/accel", func() any { return n.status() })
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(newCollector(n))
+	adm.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	adm.Serve()
+	defer func() { err = errors.Join(err, adm.Close()) }()
+	log.Info("meshturbo-agent running", "admin", adm.Addr(), "accelerating", n.agent != nil)
+
+	if a.meshFile != "" && n.agent != nil {
+		var wg sync.WaitGroup
+		wg.Add(1)
+		wctx, cancel := context.WithCancel(ctx)
+		go func() {
+			defer wg.Done()
+			n.watchMeshFile(wctx, a.meshFile, a.meshPoll, log)
+		}()
+		defer func() { cancel(); wg.Wait() }()
+	}
+	<-ctx.Done()
+	log.Info("shutting down; acceleration stays (use 'meshturbo-agent uninstall' to remove it)")
+	return nil
+}
+
+func adoptedCount(st bpf.State) int {
+	n := 0
+	for _, p := range st.Programs {
+		if p.Adopted {
+			n++
+		}
+	}
+	return n
+}
+
+// watchMeshFile applies the mesh file when its modification time or size changes, and on
+// SIGHUP. A bad file is logged and shown in the status; the last good set stays.
+func (n *node) watchMeshFile(ctx context.Context, path string, every time.Duration, log *slog.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	last := fileStamp(path)
+	for {
+		force := false
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			force = true
+		case <-tick.C:
+		}
+		stamp := fileStamp(path)
+		if !force && stamp == last {
+			continue
+		}
+		last = stamp
+		err := n.applyMeshFile(path)
+		n.mu.Lock()
+		n.meshErr = ""
+		if err != nil {
+			n.meshErr = err.Error()
+		}
+		n.mu.Unlock()
+		if err != nil {
+			log.Error("mesh file not applied; the previous mesh set stays", "error", err)
+		} else {
+			log.Info("mesh set updated from file", "path", path)
+		}
+	}
+}
+
+func (n *node) applyMeshFile(path string) error {
+	m, err := readMeshFile(path)
+	if err != nil {
+		return err
+	}
+	return n.agent.SetMesh(m.IPs, m.SidecarPorts)
+}
+
+func fileStamp(path string) string {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return "missing"
+	}
+	return fmt.Sprintf("%d/%d", fi.ModTime().UnixNano(), fi.Size())
+}
