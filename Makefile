@@ -19,7 +19,7 @@ vet:
 	$(GO) vet ./...
 
 # The log is out/test.log; the last line counts the tests: "test: N passed, N failed, N skipped".
-test: deps
+test: deps check-generate
 	@mkdir -p $(OUT)
 	$(GO) vet ./...
 	$(GO) build -o $(OUT)/testsummary ./hack/testsummary
