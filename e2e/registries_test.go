@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -106,7 +105,7 @@ meshServices:
 		}
 		return fmt.Sprintf("%s:%d", entries[0].Service.Address, entries[0].Service.Port), nil
 	}
-	eurekaLookup := func() (string, error) { return eurekaUpInstance(eureka.URL, "GREETER") }
+	eurekaLookup := func() (string, error) { return testenv.EurekaUpInstance(eureka.URL, "GREETER") }
 	callVia("consul", consulLookup)
 	callVia("eureka", eurekaLookup)
 
@@ -119,37 +118,4 @@ meshServices:
 	if _, err := eurekaLookup(); err == nil {
 		t.Error("greeter still in eureka after meshturbo-xds stopped")
 	}
-}
-
-func eurekaUpInstance(base, app string) (string, error) {
-	req, _ := http.NewRequest(http.MethodGet, base+"/apps/"+app, nil)
-	req.Header.Set("Accept", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return "", fmt.Errorf("GET /apps/%s: %s", app, resp.Status)
-	}
-	var doc struct {
-		Application struct {
-			Instance []struct {
-				IPAddr string `json:"ipAddr"`
-				Status string `json:"status"`
-				Port   struct {
-					N int `json:"$"`
-				} `json:"port"`
-			} `json:"instance"`
-		} `json:"application"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
-		return "", err
-	}
-	for _, in := range doc.Application.Instance {
-		if in.Status == "UP" {
-			return fmt.Sprintf("%s:%d", in.IPAddr, in.Port.N), nil
-		}
-	}
-	return "", fmt.Errorf("no UP instance of %s in eureka", app)
 }

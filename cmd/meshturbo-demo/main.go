@@ -6,7 +6,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -225,7 +224,7 @@ meshServices:
 			}
 			return fmt.Sprintf("%s:%d", entries[0].Service.Address, entries[0].Service.Port), nil
 		}},
-		{"eureka", func() (string, error) { return eurekaLookup(eureka.URL, "GREETER") }},
+		{"eureka", func() (string, error) { return testenv.EurekaUpInstance(eureka.URL, "GREETER") }},
 	}
 	for _, l := range lookups {
 		r := callNonMesh(ctx, l.find, 30*time.Second)
@@ -285,40 +284,6 @@ func callNonMesh(ctx context.Context, find func() (string, error), within time.D
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-}
-
-// eurekaLookup returns ip:port of an UP instance of app, as a plain Eureka client would.
-func eurekaLookup(base, app string) (string, error) {
-	req, _ := http.NewRequest(http.MethodGet, base+"/apps/"+app, nil)
-	req.Header.Set("Accept", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("eureka GET /apps/%s: %s", app, resp.Status)
-	}
-	var doc struct {
-		Application struct {
-			Instance []struct {
-				IPAddr string `json:"ipAddr"`
-				Status string `json:"status"`
-				Port   struct {
-					N int `json:"$"`
-				} `json:"port"`
-			} `json:"instance"`
-		} `json:"application"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
-		return "", err
-	}
-	for _, in := range doc.Application.Instance {
-		if in.Status == "UP" {
-			return fmt.Sprintf("%s:%d", in.IPAddr, in.Port.N), nil
-		}
-	}
-	return "", fmt.Errorf("no UP instance of %s in eureka", app)
 }
 
 type row struct {

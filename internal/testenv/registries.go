@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -65,4 +66,40 @@ func EurekaInstance(base, app, id, ip string, port int, remove bool) error {
 		return fmt.Errorf("eureka %s %s: %s", req.Method, req.URL.Path, resp.Status)
 	}
 	return nil
+}
+
+// EurekaUpInstance returns "ip:port" of an UP instance of app, looked up the way a plain
+// (non-mesh) Eureka client does: GET /apps/<APP>.
+func EurekaUpInstance(base, app string) (string, error) {
+	app = strings.ToUpper(app)
+	req, _ := http.NewRequest(http.MethodGet, base+"/apps/"+app, nil)
+	req.Header.Set("Accept", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("eureka GET /apps/%s: %s", app, resp.Status)
+	}
+	var doc struct {
+		Application struct {
+			Instance []struct {
+				IPAddr string `json:"ipAddr"`
+				Status string `json:"status"`
+				Port   struct {
+					N int `json:"$"`
+				} `json:"port"`
+			} `json:"instance"`
+		} `json:"application"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		return "", fmt.Errorf("eureka GET /apps/%s: %w", app, err)
+	}
+	for _, in := range doc.Application.Instance {
+		if in.Status == "UP" {
+			return fmt.Sprintf("%s:%d", in.IPAddr, in.Port.N), nil
+		}
+	}
+	return "", fmt.Errorf("no UP instance of %s in eureka", app)
 }

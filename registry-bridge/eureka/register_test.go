@@ -1,7 +1,6 @@
 package eureka
 
 import (
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -44,7 +43,7 @@ func TestReverseRegistration(t *testing.T) {
 	// The non-mesh client: GET /apps/GREETER, take an UP instance, call it.
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		addr, err := upInstance(eureka.URL, "GREETER")
+		addr, err := testenv.EurekaUpInstance(eureka.URL, "GREETER")
 		if err == nil {
 			resp, err := http.Get("http://" + addr + "/")
 			if err == nil {
@@ -71,41 +70,7 @@ func TestReverseRegistration(t *testing.T) {
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := upInstance(eureka.URL, "GREETER"); err == nil {
+	if _, err := testenv.EurekaUpInstance(eureka.URL, "GREETER"); err == nil {
 		t.Fatal("greeter still registered after Close")
 	}
-}
-
-// upInstance returns ip:port of an UP instance of app, as a plain Eureka client would pick one.
-func upInstance(base, app string) (string, error) {
-	req, _ := http.NewRequest(http.MethodGet, base+"/apps/"+app, nil)
-	req.Header.Set("Accept", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return "", fmt.Errorf("GET /apps/%s: %s", app, resp.Status)
-	}
-	var doc struct {
-		Application struct {
-			Instance []struct {
-				IPAddr string `json:"ipAddr"`
-				Status string `json:"status"`
-				Port   struct {
-					N int `json:"$"`
-				} `json:"port"`
-			} `json:"instance"`
-		} `json:"application"`
-	}
-	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
-		return "", err
-	}
-	for _, in := range doc.Application.Instance {
-		if in.Status == "UP" {
-			return fmt.Sprintf("%s:%d", in.IPAddr, in.Port.N), nil
-		}
-	}
-	return "", fmt.Errorf("no UP instance of %s", app)
 }
