@@ -245,10 +245,10 @@ sources:
 	return nil
 }
 
-// loadConsul registers services×instances through transactions (64 operations each) on
-// synthetic nodes, as a large catalog fed by many agents would look.
+// loadConsul registers services×instances through transactions (64 operations each, four
+// in flight) on synthetic nodes, as a large catalog fed by many agents would look.
 func loadConsul(cc *api.Client, services, instances int) error {
-	const perTxn = 64
+	const perTxn, workers = 64, 4
 	nodes := (instances + 999) / 1000
 	for n := range nodes {
 		if _, err := cc.Catalog().Register(&api.CatalogRegistration{Node: fmt.Sprintf("node-%d", n),
@@ -256,34 +256,44 @@ func loadConsul(cc *api.Client, services, instances int) error {
 			return fmt.Errorf("register node: %w", err)
 		}
 	}
-	var ops api.TxnOps
-	flush := func() error {
-		if len(ops) == 0 {
-			return nil
-		}
-		ok, resp, _, err := cc.Txn().Txn(ops, nil)
-		if err != nil {
-			return fmt.Errorf("consul txn: %w", err)
-		}
-		if !ok {
-			return fmt.Errorf("consul txn rejected: %v", resp.Errors)
-		}
-		ops = ops[:0]
-		return nil
+	batches := make(chan api.TxnOps)
+	errs := make(chan error, workers)
+	for range workers {
+		go func() {
+			var first error
+			for ops := range batches {
+				if first != nil {
+					continue
+				}
+				ok, resp, _, err := cc.Txn().Txn(ops, nil)
+				switch {
+				case err != nil:
+					first = fmt.Errorf("consul txn: %w", err)
+				case !ok:
+					first = fmt.Errorf("consul txn rejected: %v", resp.Errors)
+				}
+			}
+			errs <- first
+		}()
 	}
+	var ops api.TxnOps
 	for i := range instances {
 		svc := i % services
 		n := i / 1000
 		ops = append(ops, &api.TxnOp{Service: &api.ServiceTxnOp{Verb: api.ServiceSet, Node: fmt.Sprintf("node-%d", n),
 			Service: api.AgentService{ID: fmt.Sprintf("i-%d", i), Service: fmt.Sprintf("svc-%d", svc),
 				Address: fmt.Sprintf("10.%d.%d.%d", 10+i/62500, (i/250)%250, i%250+1), Port: 8080}}})
-		if len(ops) == perTxn {
-			if err := flush(); err != nil {
-				return err
-			}
+		if len(ops) == perTxn || i == instances-1 {
+			batches <- ops
+			ops = nil
 		}
 	}
-	return flush()
+	close(batches)
+	var err error
+	for range workers {
+		err = errors.Join(err, <-errs)
+	}
+	return err
 }
 
 func addr(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
