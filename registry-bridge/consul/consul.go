@@ -310,14 +310,34 @@ func (w *Watcher) watchHealth(ctx context.Context, st *state, name string) {
 		}
 		bo.reset()
 		index = NextIndex(index, meta.LastIndex)
+		slim := make([]*api.ServiceEntry, len(entries))
+		for i, e := range entries {
+			slim[i] = slimEntry(e)
+		}
 		st.mu.Lock()
 		if ctx.Err() == nil { // the service may have been removed meanwhile
-			st.instances[name] = entries
+			st.instances[name] = slim
 			delete(st.pending, name)
 		}
 		st.mu.Unlock()
 		st.notify()
 	}
+}
+
+// slimEntry keeps only what the mapping reads. A health entry also carries the node's meta,
+// tagged addresses and every check with its output; with 100,000 instances that is most of
+// the process's memory.
+func slimEntry(e *api.ServiceEntry) *api.ServiceEntry {
+	out := &api.ServiceEntry{Node: &api.Node{}, Service: &api.AgentService{}}
+	if e.Node != nil {
+		out.Node.Address = e.Node.Address
+	}
+	if e.Service != nil {
+		out.Service.ID, out.Service.Service = e.Service.ID, e.Service.Service
+		out.Service.Address, out.Service.Port = e.Service.Address, e.Service.Port
+		out.Service.Meta, out.Service.Tags, out.Service.Weights = e.Service.Meta, e.Service.Tags, e.Service.Weights
+	}
+	return out
 }
 
 func isOwn(e *api.ServiceEntry) bool { return e.Service.Meta[ReverseMetaKey] == "true" }
