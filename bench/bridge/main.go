@@ -34,6 +34,7 @@ type options struct {
 	services  int
 	instances int
 	out       string
+	memLimit  string
 }
 
 func main() {
@@ -42,6 +43,7 @@ func main() {
 	flag.IntVar(&o.services, "services", 10000, "services in the scale run")
 	flag.IntVar(&o.instances, "instances", 100000, "instances in the scale run")
 	flag.StringVar(&o.out, "out", "out/bench-bridge", "directory for logs")
+	flag.StringVar(&o.memLimit, "gomemlimit", "900MiB", "GOMEMLIMIT for meshturbo-xds (empty: none)")
 	flag.Parse()
 	env, err := testenv.NewEnv(o.out)
 	if err != nil {
@@ -99,8 +101,12 @@ sources:
 `, mcp, admin, consul.HTTPAddr, zkSrv.Addr, eurekaSrv.URL)), 0o644); err != nil {
 		return err
 	}
-	xdsProc, err := testenv.StartIn(env, "meshturbo-xds", exec.Command(filepath.Join(bin, "meshturbo-xds"),
-		"-config", cfgPath, "-log-level", "warn"),
+	xdsCmd := exec.Command(filepath.Join(bin, "meshturbo-xds"), "-config", cfgPath, "-log-level", "warn")
+	if o.memLimit != "" {
+		// As a Deployment would set it from its memory limit.
+		xdsCmd.Env = append(os.Environ(), "GOMEMLIMIT="+o.memLimit)
+	}
+	xdsProc, err := testenv.StartIn(env, "meshturbo-xds", xdsCmd,
 		testenv.HTTPProbe("http://"+admin+"/readyz", nil), 30*time.Second)
 	if err != nil {
 		return err
