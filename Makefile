@@ -8,7 +8,7 @@ OUT := out
 TEST_TIMEOUT ?= 30m
 TEST_FLAGS ?=
 
-.PHONY: all deps vet test demo generate check-generate fuzz bench-bridge bench-accel test-long
+.PHONY: all deps vet test demo generate check-generate fuzz bench-bridge bench-accel bench-upgrade test-long
 
 all: vet
 
@@ -58,3 +58,9 @@ bench-accel: deps
 # Long BPF runs: 1 GiB streams each way and 100,000 connections.
 test-long:
 	$(GO) test -count=1 -timeout 30m ./bpf/ -bpf.long
+
+# fortio at 1,000 qps over HTTP/1.1 (keep-alive and not), HTTP/2 and gRPC through Envoy across
+# 100 upgrades per scenario, then 100 across Envoy versions (about 11 minutes).
+BENCH_UPGRADE_FLAGS ?=
+bench-upgrade: deps
+	$(GO) run ./bench/upgrade $(BENCH_UPGRADE_FLAGS)

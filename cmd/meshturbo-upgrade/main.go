@@ -1,5 +1,14 @@
 // Command meshturbo-upgrade runs a pod's Envoy sidecar: it generates the bootstrap that points
-// Envoy at istiod, starts Envoy and owns its lifecycle until it is told to stop.
+// Envoy at istiod (or runs the one given with -bootstrap), starts Envoy and owns its lifecycle
+// until it is told to stop.
+//
+// An upgrade to a new Envoy epoch (hot restart, see package hotupgrade) is triggered by
+//
+//   - SIGHUP: the -envoy binary and the bootstrap are read again (the -bootstrap file, or the
+//     one generated from the flags), so replacing either file and sending SIGHUP upgrades;
+//   - POST /v1/upgrade on the admin API with {"binary": ..., "bootstrap_path": ...}.
+//
+// GET /v1/upgrade reports the epoch, versions, phase and the last upgrade's result.
 package main
 
 import (
@@ -13,6 +22,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/meshturbo/meshturbo/hotupgrade"
 	"github.com/meshturbo/meshturbo/internal/admin"
@@ -32,6 +42,8 @@ type args struct {
 	workDir      string
 	caDir        string
 	serviceAcct  string
+	bootstrap    string
+	drainTimeout time.Duration
 }
 
 func main() {
@@ -49,6 +61,8 @@ func main() {
 	flag.StringVar(&a.workDir, "work-dir", "", "directory for the bootstrap, SDS socket and hot-restart state (default: a temp dir)")
 	flag.StringVar(&a.caDir, "ca-dir", "", "directory with the mesh CA (ca-cert.pem, ca-key.pem); default: a CA of this sidecar's own, so only plaintext peers work")
 	flag.StringVar(&a.serviceAcct, "service-account", "default", "service account in the workload's SPIFFE id")
+	flag.StringVar(&a.bootstrap, "bootstrap", "", "Envoy bootstrap file to run instead of the generated sidecar bootstrap (read again on SIGHUP)")
+	flag.DurationVar(&a.drainTimeout, "drain-timeout", time.Minute, "on an upgrade, how long the old Envoy may keep connections before it is stopped")
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -108,27 +122,34 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	}
 	defer func() { err = errors.Join(err, sds.Close()) }()
 
-	bs, err := hotupgrade.SidecarBootstrap{
-		IstiodAddr:       a.istiod,
-		AdminAddr:        a.envoyAdmin,
-		IP:               a.ip,
-		PodName:          a.pod,
-		Namespace:        a.namespace,
-		Labels:           labels,
-		InterceptionMode: strings.ToUpper(a.interception),
-		SDSSocket:        filepath.Join(a.workDir, "sds.sock"),
-	}.JSON()
+	readBootstrap := func() ([]byte, error) {
+		if a.bootstrap != "" {
+			return os.ReadFile(a.bootstrap)
+		}
+		return hotupgrade.SidecarBootstrap{
+			IstiodAddr:       a.istiod,
+			AdminAddr:        a.envoyAdmin,
+			IP:               a.ip,
+			PodName:          a.pod,
+			Namespace:        a.namespace,
+			Labels:           labels,
+			InterceptionMode: strings.ToUpper(a.interception),
+			SDSSocket:        filepath.Join(a.workDir, "sds.sock"),
+		}.JSON()
+	}
+	bs, err := readBootstrap()
 	if err != nil {
 		return err
 	}
 	m, err := hotupgrade.New(ctx, hotupgrade.Config{
-		Envoy:     a.envoy,
-		Bootstrap: bs,
-		AdminAddr: a.envoyAdmin,
-		WorkDir:   a.workDir,
-		ExtraArgs: []string{"--concurrency", fmt.Sprint(a.concurrency), "--log-level", "warn"},
-		Output:    os.Stderr,
-		Logger:    log,
+		Envoy:        a.envoy,
+		Bootstrap:    bs,
+		AdminAddr:    a.envoyAdmin,
+		WorkDir:      a.workDir,
+		ExtraArgs:    []string{"--concurrency", fmt.Sprint(a.concurrency), "--log-level", "warn"},
+		Output:       os.Stderr,
+		Logger:       log,
+		DrainTimeout: a.drainTimeout,
 	})
 	if err != nil {
 		return err
@@ -140,13 +161,27 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		return err
 	}
 	adm.HandleJSON("/v1/upgrade", func() any { return m.Status() })
+	adm.Handle("POST /v1/upgrade", m.UpgradeHandler())
 	adm.Serve()
 	defer func() { err = errors.Join(err, adm.Close()) }()
 
-	select {
-	case <-ctx.Done():
-		return nil
-	case <-m.Exited():
-		return errors.New("envoy exited on its own; see its log above")
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-m.Exited():
+			return errors.New("envoy exited on its own; see its log above")
+		case <-hup:
+			bs, err := readBootstrap()
+			if err != nil {
+				log.Error("SIGHUP: no upgrade", "error", err)
+				continue
+			}
+			// Upgrade waits for one started over the admin API; it logs its outcome.
+			_, _ = m.Upgrade(ctx, hotupgrade.UpgradeRequest{Binary: a.envoy, Bootstrap: bs})
+		}
 	}
 }
