@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -236,6 +237,69 @@ meshServices:
 		if r.err != nil {
 			return fmt.Errorf("call to %s failed: %w", r.service, r.err)
 		}
+	}
+	if deps.EnvoyOld == "" {
+		return ctx.Err()
+	}
+	fmt.Println()
+	return upgradeUnderLoad(ctx, upAdmin, deps.EnvoyOld, deps.EnvoyOldVersion, hostFor(samples[0]), samples[0].port)
+}
+
+// upgradeUnderLoad swaps the running sidecar Envoy for another version through meshturbo-upgrade
+// while a client keeps calling a service through it, and prints how many calls failed.
+func upgradeUnderLoad(ctx context.Context, upAdmin, binary, version, host string, port int) error {
+	fmt.Printf("• hot upgrade of the sidecar to Envoy %s while calling %s at ~200 requests/s\n", version, host)
+	loadCtx, stopLoad := context.WithCancel(ctx)
+	type tally struct{ ok, failed int }
+	results := make(chan tally, 1)
+	go func() {
+		var t tally
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-loadCtx.Done():
+				results <- t
+				return
+			case <-tick.C:
+				if r := call(loadCtx, host, port); r.err == nil {
+					t.ok++
+				} else if loadCtx.Err() == nil {
+					t.failed++
+				}
+			}
+		}
+	}()
+	time.Sleep(time.Second) // load before the upgrade, so the window is covered from both sides
+	body := strings.NewReader(fmt.Sprintf(`{"binary": %q}`, binary))
+	resp, err := http.Post("http://"+upAdmin+"/v1/upgrade", "application/json", body)
+	var res struct {
+		Outcome     string `json:"outcome"`
+		Error       string `json:"error"`
+		FromVersion string `json:"from_version"`
+		ToVersion   string `json:"to_version"`
+		TotalMS     int64  `json:"total_ms"`
+		FromEpoch   int    `json:"from_epoch"`
+		ToEpoch     int    `json:"to_epoch"`
+	}
+	if err == nil {
+		err = json.NewDecoder(resp.Body).Decode(&res)
+		resp.Body.Close()
+	}
+	time.Sleep(time.Second) // and after it
+	stopLoad()
+	t := <-results
+	if err != nil {
+		return fmt.Errorf("upgrade request: %w", err)
+	}
+	fmt.Printf("  upgrade %s: epoch %d (Envoy %s) → epoch %d (Envoy %s) in %d ms\n",
+		res.Outcome, res.FromEpoch, res.FromVersion, res.ToEpoch, res.ToVersion, res.TotalMS)
+	fmt.Printf("  calls during the upgrade window: %d ok, %d failed\n", t.ok, t.failed)
+	if res.Outcome != "upgraded" {
+		return fmt.Errorf("upgrade %s: %s", res.Outcome, res.Error)
+	}
+	if t.failed > 0 {
+		return fmt.Errorf("%d calls failed during the upgrade", t.failed)
 	}
 	return ctx.Err()
 }
