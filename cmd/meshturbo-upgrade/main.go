@@ -24,6 +24,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/meshturbo/meshturbo/hotupgrade"
 	"github.com/meshturbo/meshturbo/internal/admin"
 )
@@ -162,6 +165,9 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	}
 	adm.HandleJSON("/v1/upgrade", func() any { return m.Status() })
 	adm.Handle("POST /v1/upgrade", m.UpgradeHandler())
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(newCollector(m))
+	adm.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	adm.Serve()
 	defer func() { err = errors.Join(err, adm.Close()) }()
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -118,5 +119,18 @@ func TestSIGHUPAndAdminAPIUpgrade(t *testing.T) {
 	r.Body.Close()
 	if got := string(body[:n]); got != "three" {
 		t.Errorf("Envoy answers %q after the upgrades, want \"three\"", got)
+	}
+
+	mr, err := http.Get("http://" + a.adminAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(mr.Body)
+	mr.Body.Close()
+	for _, want := range []string{"meshturbo_upgrade_epoch 2", "meshturbo_upgrade_upgrades_total 2", "meshturbo_upgrade_rollbacks_total 0",
+		`meshturbo_upgrade_last_duration_seconds{outcome="upgraded"}`} {
+		if !strings.Contains(string(metrics), want) {
+			t.Errorf("/metrics lacks %q:\n%s", want, metrics)
+		}
 	}
 }
