@@ -86,11 +86,11 @@ func run(env *testenv.Env, o options) error {
 	if err != nil {
 		return err
 	}
-	ports, err := freePorts(4)
+	ports, err := testenv.FreeLoopbackPorts(4)
 	if err != nil {
 		return err
 	}
-	mcp, admin, envoyAdmin, upAdmin := addr(ports[0]), addr(ports[1]), addr(ports[2]), addr(ports[3])
+	mcp, admin, envoyAdmin, upAdmin := testenv.Addr(ports[0]), testenv.Addr(ports[1]), testenv.Addr(ports[2]), testenv.Addr(ports[3])
 	cfgPath := filepath.Join(env.Dir(), "meshturbo-xds.yaml")
 	if err := os.WriteFile(cfgPath, []byte(fmt.Sprintf(`listen: %s
 admin: {listen: %s}
@@ -302,34 +302,6 @@ func loadConsul(cc *api.Client, services, instances int) error {
 	return err
 }
 
-func addr(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
-
-func freePorts(n int) ([]int, error) {
-	env := make([]int, 0, n)
-	for range n {
-		l, err := netListen()
-		if err != nil {
-			return nil, err
-		}
-		defer l.Close()
-		env = append(env, l.Addr().(*tcpAddr).Port)
-	}
-	return env, nil
-}
-
-func getJSON(url string, v any) error {
-	resp, err := http.Get(url)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		b, _ := io.ReadAll(resp.Body)
-		return fmt.Errorf("%s: %d %s", url, resp.StatusCode, b)
-	}
-	return json.NewDecoder(resp.Body).Decode(v)
-}
-
 // awaitStat polls an Envoy stat until it equals want.
 func awaitStat(envoyAdmin, stat string, want int, within time.Duration) (time.Duration, error) {
 	start := time.Now()
@@ -424,4 +396,17 @@ func percentile(d []time.Duration, p int) time.Duration {
 	slices.Sort(s)
 	i := (len(s)*p + 99) / 100
 	return s[max(0, min(len(s)-1, i-1))]
+}
+
+func getJSON(url string, v any) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		b, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("%s: %d %s", url, resp.StatusCode, b)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
 }

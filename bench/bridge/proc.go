@@ -1,15 +1,10 @@
 package main
 
 import (
-	"net"
 	"os"
 	"strconv"
 	"strings"
 )
-
-type tcpAddr = net.TCPAddr
-
-func netListen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
 
 // cpuSeconds is the user+system CPU time a process has used, from /proc/<pid>/stat.
 func cpuSeconds(pid int) float64 {

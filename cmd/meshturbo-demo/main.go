@@ -152,11 +152,11 @@ func run(ctx context.Context, env *testenv.Env, callsPerService int) error {
 	}
 
 	done = step(ctx, "starting meshturbo-xds (registries → ServiceEntry over MCP; greeter → Consul and Eureka)")
-	addrs, err := freeAddrs(4)
+	ports, err := testenv.FreeLoopbackPorts(4)
 	if err != nil {
 		return err
 	}
-	mcp, admin, envoyAdmin, upAdmin := addrs[0], addrs[1], addrs[2], addrs[3]
+	mcp, admin, envoyAdmin, upAdmin := testenv.Addr(ports[0]), testenv.Addr(ports[1]), testenv.Addr(ports[2]), testenv.Addr(ports[3])
 	cfgPath := filepath.Join(env.Dir(), "meshturbo-xds.yaml")
 	if err := os.WriteFile(cfgPath, []byte(fmt.Sprintf(`listen: %s
 admin: {listen: %s}
@@ -441,18 +441,4 @@ func countFor(rows []row, service string) int {
 		}
 	}
 	return n
-}
-
-// freeAddrs returns n loopback addresses with free ports.
-func freeAddrs(n int) ([]string, error) {
-	out := make([]string, 0, n)
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("no free port on 127.0.0.1: %w", err)
-		}
-		defer l.Close() // held until all are picked, so none repeats
-		out = append(out, l.Addr().String())
-	}
-	return out, nil
 }

@@ -35,7 +35,7 @@ func StartConsulIn(env *Env, d Deps) (*Consul, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start consul: %w", err)
 	}
-	ports, err := freePorts(5)
+	ports, err := FreeLoopbackPorts(5)
 	if err != nil {
 		return nil, err
 	}

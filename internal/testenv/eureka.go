@@ -31,7 +31,7 @@ func StartEurekaIn(env *Env, d Deps) (*Eureka, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start eureka: %w", err)
 	}
-	ports, err := freePorts(1)
+	ports, err := FreeLoopbackPorts(1)
 	if err != nil {
 		return nil, err
 	}

@@ -43,7 +43,7 @@ func StartIstiodIn(env *Env, d Deps, mcpAddr string) (*Istiod, error) {
 	if err := os.WriteFile(meshPath, []byte(mesh), 0o644); err != nil {
 		return nil, fmt.Errorf("start istiod: %w", err)
 	}
-	ports, err := freePorts(3)
+	ports, err := FreeLoopbackPorts(3)
 	if err != nil {
 		return nil, err
 	}

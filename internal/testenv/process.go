@@ -370,14 +370,16 @@ func FreePort(t testing.TB) int {
 // FreePorts returns n distinct TCP ports on 127.0.0.1 that were free a moment ago.
 func FreePorts(t testing.TB, n int) []int {
 	t.Helper()
-	ports, err := freePorts(n)
+	ports, err := FreeLoopbackPorts(n)
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
 	return ports
 }
 
-func freePorts(n int) ([]int, error) {
+// FreeLoopbackPorts returns n distinct free ports on 127.0.0.1, for programs that are not
+// tests (the demo, benchmarks); tests use FreePorts.
+func FreeLoopbackPorts(n int) ([]int, error) {
 	ports := make([]int, 0, n)
 	var listeners []net.Listener
 	defer func() {

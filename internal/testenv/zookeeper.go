@@ -46,7 +46,7 @@ func StartZooKeeperIn(env *Env, d Deps) (*ZooKeeper, error) {
 	if err := os.MkdirAll(dataDir, 0o755); err != nil {
 		return nil, fmt.Errorf("start zookeeper: %w", err)
 	}
-	ports, err := freePorts(1)
+	ports, err := FreeLoopbackPorts(1)
 	if err != nil {
 		return nil, err
 	}
