@@ -34,56 +34,6 @@ func TestNextIndex(t *testing.T) {
 	}
 }
 
-// snapshots records what a watcher publishes.
-type snapshots struct {
-	mu  sync.Mutex
-	all [][]model.Service
-	ch  chan struct{}
-}
-
-func (s *snapshots) publish(svcs []model.Service) {
-	s.mu.Lock()
-	s.all = append(s.all, svcs)
-	s.mu.Unlock()
-	select {
-	case s.ch <- struct{}{}:
-	default:
-	}
-}
-
-func (s *snapshots) count() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.all)
-}
-
-func (s *snapshots) await(t *testing.T, what string, ok func([]model.Service) bool) []model.Service {
-	t.Helper()
-	deadline := time.After(10 * time.Second)
-	for {
-		s.mu.Lock()
-		if n := len(s.all); n > 0 && ok(s.all[n-1]) {
-			last := s.all[n-1]
-			s.mu.Unlock()
-			return last
-		}
-		s.mu.Unlock()
-		select {
-		case <-s.ch:
-		case <-deadline:
-			s.mu.Lock()
-			var last []string
-			if n := len(s.all); n > 0 {
-				for _, svc := range s.all[n-1] {
-					last = append(last, fmt.Sprintf("%s(%d)", svc.Hostname, len(svc.Endpoints)))
-				}
-			}
-			s.mu.Unlock()
-			t.Fatalf("%s: not published within 10s; last snapshot: %v", what, last)
-		}
-	}
-}
-
 func find(svcs []model.Service, host string) *model.Service {
 	for i := range svcs {
 		if svcs[i].Hostname == host {
@@ -93,21 +43,21 @@ func find(svcs []model.Service, host string) *model.Service {
 	return nil
 }
 
-func runWatcher(t *testing.T, addr string, log *slog.Logger) *snapshots {
+func runWatcher(t *testing.T, addr string, log *slog.Logger) *testenv.Snapshots {
 	_, s := startWatcher(t, addr, log)
 	return s
 }
 
-func startWatcher(t *testing.T, addr string, log *slog.Logger) (*Watcher, *snapshots) {
+func startWatcher(t *testing.T, addr string, log *slog.Logger) (*Watcher, *testenv.Snapshots) {
 	t.Helper()
 	w, err := New(Config{Address: addr, Logger: log, WaitTime: 2 * time.Second, Debounce: 10 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
-	snaps := &snapshots{ch: make(chan struct{}, 1)}
+	snaps := testenv.NewSnapshots()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, snaps.publish) }()
+	go func() { done <- w.Run(ctx, snaps.Publish) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
@@ -146,7 +96,7 @@ func TestWatchesPassingInstances(t *testing.T) {
 	reg("orders-3", "10.0.0.3", 9090, api.HealthCritical, nil) // failing: never served
 
 	snaps := runWatcher(t, consul.HTTPAddr, testenv.Logger(t))
-	svcs := snaps.await(t, "orders with two passing instances", func(s []model.Service) bool {
+	svcs := snaps.Await(t, 10*time.Second, "orders with two passing instances", func(s []model.Service) bool {
 		o := find(s, "orders.service.consul")
 		return o != nil && len(o.Endpoints) == 2
 	})
@@ -173,7 +123,7 @@ func TestWatchesPassingInstances(t *testing.T) {
 	if err := c.Agent().UpdateTTL("service:orders-3", "", api.HealthPassing); err != nil {
 		t.Fatal(err)
 	}
-	snaps.await(t, "orders-3 after its check passes", func(s []model.Service) bool {
+	snaps.Await(t, 10*time.Second, "orders-3 after its check passes", func(s []model.Service) bool {
 		o := find(s, "orders.service.consul")
 		return o != nil && len(o.Endpoints) == 3
 	})
@@ -184,7 +134,7 @@ func TestWatchesPassingInstances(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	snaps.await(t, "orders removed", func(s []model.Service) bool { return find(s, "orders.service.consul") == nil })
+	snaps.Await(t, 10*time.Second, "orders removed", func(s []model.Service) bool { return find(s, "orders.service.consul") == nil })
 }
 
 // syncBuffer is a concurrency-safe log sink the test can read.
@@ -224,8 +174,8 @@ func TestDeadConsulKeepsLastSnapshotAndSaysWhere(t *testing.T) {
 	}
 	logs := &syncBuffer{}
 	w, snaps := startWatcher(t, consul.HTTPAddr, slog.New(slog.NewTextHandler(logs, nil)))
-	snaps.await(t, "db", func(s []model.Service) bool { return find(s, "db.service.consul") != nil })
-	before := snaps.count()
+	snaps.Await(t, 10*time.Second, "db", func(s []model.Service) bool { return find(s, "db.service.consul") != nil })
+	before := snaps.Count()
 	if h := w.Health(); !h.Connected || h.LastContact.IsZero() {
 		t.Fatalf("health while Consul answers = %+v", h)
 	}
@@ -238,7 +188,7 @@ func TestDeadConsulKeepsLastSnapshotAndSaysWhere(t *testing.T) {
 	if h := w.Health(); h.Connected || h.LastError == "" {
 		t.Errorf("health while Consul is down = %+v, want disconnected with the error", h)
 	}
-	if n := snaps.count(); n != before {
+	if n := snaps.Count(); n != before {
 		t.Fatalf("published %d snapshots while Consul was down; the last good one must stay", n-before)
 	}
 }
@@ -251,7 +201,7 @@ func TestUnreachableConsulNeverPublishes(t *testing.T) {
 	if !strings.Contains(logs.String(), addr) {
 		t.Errorf("warning does not name the address %s:\n%s", addr, logs.String())
 	}
-	if snaps.count() != 0 {
+	if snaps.Count() != 0 {
 		t.Fatal("published a snapshot without ever reaching Consul")
 	}
 }
@@ -288,8 +238,8 @@ func TestConsulRestartResetsIndex(t *testing.T) {
 	}
 	register("a", "b", "c")
 	w, snaps := startWatcher(t, consul.HTTPAddr, testenv.Logger(t))
-	snaps.await(t, "a, b and c", func(s []model.Service) bool { return len(s) == 3 })
-	before := snaps.count()
+	snaps.Await(t, 10*time.Second, "a, b and c", func(s []model.Service) bool { return len(s) == 3 })
+	before := snaps.Count()
 	_, meta, err := c.Catalog().Services(nil)
 	if err != nil {
 		t.Fatal(err)
@@ -306,7 +256,7 @@ func TestConsulRestartResetsIndex(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if snaps.count() != before {
+	if snaps.Count() != before {
 		t.Fatal("published while Consul was down")
 	}
 
@@ -327,7 +277,7 @@ func TestConsulRestartResetsIndex(t *testing.T) {
 	}
 	register("a", "d")
 	start := time.Now()
-	svcs := snaps.await(t, "a and d after the restart", func(s []model.Service) bool {
+	svcs := snaps.Await(t, 10*time.Second, "a and d after the restart", func(s []model.Service) bool {
 		return len(s) == 2 && find(s, "a.service.consul") != nil && find(s, "d.service.consul") != nil
 	})
 	if took := time.Since(start); took > 5*time.Second {

@@ -74,7 +74,7 @@ func TestReverseRegistration(t *testing.T) {
 		t.Fatalf("non-mesh caller got %q", body)
 	}
 
-	svcs := snaps.await(t, "db imported", func(s []model.Service) bool { return find(s, "db.service.consul") != nil })
+	svcs := snaps.Await(t, 10*time.Second, "db imported", func(s []model.Service) bool { return find(s, "db.service.consul") != nil })
 	if find(svcs, "greeter.service.consul") != nil {
 		t.Fatal("the reverse-registered mesh service was imported back into the mesh")
 	}

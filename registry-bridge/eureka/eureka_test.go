@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"maps"
 	"net/http"
-	"sync"
 	"testing"
 	"time"
 
@@ -118,58 +117,6 @@ func (a *eurekaAPI) deregister(app, id string) {
 	a.do(http.MethodDelete, "/apps/"+app+"/"+id, nil, http.StatusOK)
 }
 
-// snapshots records what a watcher publishes.
-type snapshots struct {
-	mu  sync.Mutex
-	all [][]model.Service
-	ch  chan struct{}
-}
-
-func (s *snapshots) publish(svcs []model.Service) {
-	s.mu.Lock()
-	s.all = append(s.all, svcs)
-	s.mu.Unlock()
-	select {
-	case s.ch <- struct{}{}:
-	default:
-	}
-}
-
-func (s *snapshots) count() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.all)
-}
-
-func (s *snapshots) last() []model.Service {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.all) == 0 {
-		return nil
-	}
-	return s.all[len(s.all)-1]
-}
-
-// await waits up to within for a published snapshot that satisfies ok, and returns it.
-func (s *snapshots) await(t *testing.T, within time.Duration, what string, ok func([]model.Service) bool) []model.Service {
-	t.Helper()
-	deadline := time.After(within)
-	for {
-		s.mu.Lock()
-		if n := len(s.all); n > 0 && ok(s.all[n-1]) {
-			last := s.all[n-1]
-			s.mu.Unlock()
-			return last
-		}
-		s.mu.Unlock()
-		select {
-		case <-s.ch:
-		case <-deadline:
-			t.Fatalf("%s: not published within %v; last snapshot: %+v", what, within, s.last())
-		}
-	}
-}
-
 // awaitStats polls the watcher's stats until ok holds, for up to within.
 func awaitStats(t *testing.T, w *Watcher, within time.Duration, what string, ok func(Stats) bool) Stats {
 	t.Helper()
@@ -230,7 +177,7 @@ func hasEndpoints(host string, ids ...string) func([]model.Service) bool {
 }
 
 // runWatcher runs a watcher until the test ends.
-func runWatcher(t *testing.T, cfg Config) (*Watcher, *snapshots) {
+func runWatcher(t *testing.T, cfg Config) (*Watcher, *testenv.Snapshots) {
 	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = testenv.Logger(t)
@@ -245,10 +192,10 @@ func runWatcher(t *testing.T, cfg Config) (*Watcher, *snapshots) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	snaps := &snapshots{ch: make(chan struct{}, 1)}
+	snaps := testenv.NewSnapshots()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- w.Run(ctx, snaps.publish) }()
+	go func() { done <- w.Run(ctx, snaps.Publish) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
@@ -272,7 +219,7 @@ func TestWatchesUpInstances(t *testing.T) {
 	api.register(reg{app: "BROKEN", id: "b-port70000", ip: "10.0.2.2", port: 70000})
 
 	w, snaps := runWatcher(t, Config{URLs: []string{eureka.URL}})
-	svcs := snaps.await(t, 10*time.Second, "orders with its three UP instances", hasEndpoints("orders.eureka", "o1", "o2", "o3"))
+	svcs := snaps.Await(t, 10*time.Second, "orders with its three UP instances", hasEndpoints("orders.eureka", "o1", "o2", "o3"))
 
 	orders := find(svcs, "orders.eureka")
 	if want := (model.Port{Name: "http", Number: 8080, Protocol: model.ProtocolHTTP}); len(orders.Ports) != 1 || orders.Ports[0] != want {
@@ -305,19 +252,19 @@ func TestWatchesUpInstances(t *testing.T) {
 	}
 
 	api.setStatus("ORDERS", "o2", statusOutOfService)
-	snaps.await(t, 5*time.Second, "o2 gone once OUT_OF_SERVICE", hasEndpoints("orders.eureka", "o1", "o3"))
+	snaps.Await(t, 5*time.Second, "o2 gone once OUT_OF_SERVICE", hasEndpoints("orders.eureka", "o1", "o3"))
 	api.setStatus("ORDERS", "o3", statusDown)
-	snaps.await(t, 5*time.Second, "o3 gone once DOWN", hasEndpoints("orders.eureka", "o1"))
+	snaps.Await(t, 5*time.Second, "o3 gone once DOWN", hasEndpoints("orders.eureka", "o1"))
 	api.heartbeat("ORDERS", "o1")
 	api.deregister("ORDERS", "o1")
-	svcs = snaps.await(t, 5*time.Second, "o1 gone once deregistered", hasEndpoints("orders.eureka"))
+	svcs = snaps.Await(t, 5*time.Second, "o1 gone once deregistered", hasEndpoints("orders.eureka"))
 	if p := find(svcs, "orders.eureka").Ports; len(p) != 1 || p[0].Number != 8080 {
 		t.Errorf("orders without UP instances: ports = %+v, want the service kept on 8080", p)
 	}
 	api.register(reg{app: "ORDERS", id: "o5", ip: "10.0.0.5", port: 8080})
-	snaps.await(t, 5*time.Second, "o5 after registering", hasEndpoints("orders.eureka", "o5"))
+	snaps.Await(t, 5*time.Second, "o5 after registering", hasEndpoints("orders.eureka", "o5"))
 	api.deregister("PAYMENTS", "p1")
-	snaps.await(t, 5*time.Second, "payments gone with its only instance", func(s []model.Service) bool { return find(s, "payments.eureka") == nil })
+	snaps.Await(t, 5*time.Second, "payments gone with its only instance", func(s []model.Service) bool { return find(s, "payments.eureka") == nil })
 
 	// Every change above came by delta: one full fetch at the start, none since.
 	before := w.Stats()
@@ -334,24 +281,24 @@ func TestEurekaRestart(t *testing.T) {
 	api := newEurekaAPI(t, eureka.URL)
 	api.register(reg{app: "ORDERS", id: "o1", ip: "10.0.0.1", port: 8080})
 	w, snaps := runWatcher(t, Config{URLs: []string{eureka.URL}, RequestTimeout: time.Second})
-	snaps.await(t, 10*time.Second, "orders", hasEndpoints("orders.eureka", "o1"))
+	snaps.Await(t, 10*time.Second, "orders", hasEndpoints("orders.eureka", "o1"))
 
 	if err := eureka.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	n := snaps.count()
+	n := snaps.Count()
 	awaitStats(t, w, 10*time.Second, "fetches failing while Eureka is down", func(s Stats) bool {
 		return s.Failures[FailureUnreachable] >= 3 && s.Stale
 	})
-	if got := snaps.count(); got != n {
-		t.Fatalf("published %d snapshots while Eureka was down: %+v", got-n, snaps.last())
+	if got := snaps.Count(); got != n {
+		t.Fatalf("published %d snapshots while Eureka was down: %+v", got-n, snaps.Last())
 	}
 
 	eureka.Restart(t)
 	// A restarted Eureka is empty until its clients register again, as they do on their next
 	// heartbeat (which answers 404).
 	api.register(reg{app: "ORDERS", id: "o2", ip: "10.0.0.2", port: 8080})
-	snaps.await(t, 5*time.Second, "orders from the restarted Eureka", hasEndpoints("orders.eureka", "o2"))
+	snaps.Await(t, 5*time.Second, "orders from the restarted Eureka", hasEndpoints("orders.eureka", "o2"))
 	if st := w.Stats(); st.Stale {
 		t.Errorf("still stale after recovery: %+v", st)
 	}

@@ -173,7 +173,7 @@ func TestFailsOverToTheNextURL(t *testing.T) {
 	newEurekaAPI(t, eureka.URL).register(reg{app: "ORDERS", id: "o1", ip: "10.0.0.1", port: 8080})
 	dead := fmt.Sprintf("http://%s/eureka", testenv.Addr(testenv.FreePort(t)))
 	w, snaps := runWatcher(t, Config{URLs: []string{dead, eureka.URL}})
-	snaps.await(t, 10*time.Second, "orders through the second URL", hasEndpoints("orders.eureka", "o1"))
+	snaps.Await(t, 10*time.Second, "orders through the second URL", hasEndpoints("orders.eureka", "o1"))
 	if st := w.Stats(); st.URL != eureka.URL || st.Failures[FailureUnreachable] != 1 || st.Stale {
 		t.Errorf("stats = %+v, want one failure on %s and then %s in use", st, dead, eureka.URL)
 	}
@@ -190,7 +190,7 @@ func TestRecoversFromFaults(t *testing.T) {
 
 	w, snaps := runWatcher(t, Config{URLs: []string{proxy.URL()}, RequestTimeout: time.Second})
 	ids := []string{"o1"}
-	snaps.await(t, 10*time.Second, "orders", hasEndpoints("orders.eureka", ids...))
+	snaps.Await(t, 10*time.Second, "orders", hasEndpoints("orders.eureka", ids...))
 
 	for i, tc := range []struct{ fault, reason string }{
 		{fault5xx, FailureHTTPStatus},
@@ -205,7 +205,7 @@ func TestRecoversFromFaults(t *testing.T) {
 			defer proxy.set(faultNone)
 			// From the first failure on, every fetch meets the fault (they run one at a time).
 			awaitStats(t, w, 10*time.Second, "a failed fetch", func(s Stats) bool { return s.Failures[tc.reason] > before })
-			n := snaps.count()
+			n := snaps.Count()
 
 			id := fmt.Sprintf("f%d", i)
 			api.register(reg{app: "ORDERS", id: id, ip: fmt.Sprintf("10.0.1.%d", i+1), port: 8080})
@@ -213,12 +213,12 @@ func TestRecoversFromFaults(t *testing.T) {
 			awaitStats(t, w, 10*time.Second, "two more failed fetches", func(s Stats) bool {
 				return s.Failures[tc.reason] >= before+3 && s.Stale
 			})
-			if got := snaps.count(); got != n {
-				t.Fatalf("published %d snapshots during the fault; last: %+v", got-n, snaps.last())
+			if got := snaps.Count(); got != n {
+				t.Fatalf("published %d snapshots during the fault; last: %+v", got-n, snaps.Last())
 			}
 
 			proxy.set(faultNone)
-			snaps.await(t, 5*time.Second, "the change made during the fault, after it", hasEndpoints("orders.eureka", ids...))
+			snaps.Await(t, 5*time.Second, "the change made during the fault, after it", hasEndpoints("orders.eureka", ids...))
 			if st := w.Stats(); st.Stale {
 				t.Errorf("stale after recovery: %+v", st)
 			}
@@ -236,7 +236,7 @@ func TestRecoversFromFaults(t *testing.T) {
 		awaitStats(t, w, 10*time.Second, "mismatches, each followed by a full fetch", func(s Stats) bool {
 			return s.HashMismatches >= before.HashMismatches+3 && s.FullFetches >= before.FullFetches+3
 		})
-		snaps.await(t, 5*time.Second, "the change, through full fetches", hasEndpoints("orders.eureka", ids...))
+		snaps.Await(t, 5*time.Second, "the change, through full fetches", hasEndpoints("orders.eureka", ids...))
 
 		proxy.set(faultNone)
 		first := awaitStats(t, w, 5*time.Second, "a delta that checks out", func(s Stats) bool { return s.DeltaFetches > before.DeltaFetches })
@@ -245,9 +245,7 @@ func TestRecoversFromFaults(t *testing.T) {
 			t.Errorf("after the fault: full fetches %d→%d, mismatches %d→%d; want deltas only",
 				first.FullFetches, st.FullFetches, first.HashMismatches, st.HashMismatches)
 		}
-		snaps.mu.Lock()
-		defer snaps.mu.Unlock()
-		for _, s := range snaps.all {
+		for _, s := range snaps.All() {
 			if find(s, phantomHost) != nil {
 				t.Fatalf("the phantom instance of a mismatching delta was published: %+v", s)
 			}
@@ -261,7 +259,7 @@ func TestRecoversFromFaults(t *testing.T) {
 		defer proxy.set(faultNone)
 		api.register(reg{app: "ORDERS", id: "n1", ip: "10.0.2.2", port: 8080})
 		ids = append(ids, "n1")
-		snaps.await(t, 5*time.Second, "the change, through full fetches", hasEndpoints("orders.eureka", ids...))
+		snaps.Await(t, 5*time.Second, "the change, through full fetches", hasEndpoints("orders.eureka", ids...))
 		st := awaitStats(t, w, 5*time.Second, "full fetches on every poll", func(s Stats) bool { return s.FullFetches >= before.FullFetches+3 })
 		if !maps.Equal(st.Failures, before.Failures) || st.Stale {
 			t.Errorf("stats = %+v; a server that refuses deltas is no failure", st)
@@ -270,7 +268,7 @@ func TestRecoversFromFaults(t *testing.T) {
 
 	// The registry is what the watcher says: compare with a fresh full fetch.
 	want, _ := fullFetch(t, eureka.URL)
-	if got := snaps.last(); !equalServices(got, want) {
+	if got := snaps.Last(); !equalServices(got, want) {
 		t.Errorf("final snapshot differs from Eureka:\n got %+v\nwant %+v", got, want)
 	}
 }
@@ -306,7 +304,7 @@ func TestRejectsOversizedAnswers(t *testing.T) {
 	if !st.Stale || st.FullFetches != 0 || len(st.Failures) != 1 {
 		t.Errorf("stats = %+v, want only oversized answers, and stale", st)
 	}
-	if n := snaps.count(); n != 0 {
+	if n := snaps.Count(); n != 0 {
 		t.Errorf("published %d snapshots from oversized answers", n)
 	}
 }

@@ -61,7 +61,7 @@ func TestReverseRegistration(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 
-	svcs := snaps.await(t, 10*time.Second, "db imported", func(s []model.Service) bool { return find(s, "db.eureka") != nil })
+	svcs := snaps.Await(t, 10*time.Second, "db imported", func(s []model.Service) bool { return find(s, "db.eureka") != nil })
 	if find(svcs, "greeter.eureka") != nil {
 		t.Fatal("the reverse-registered mesh service was imported back into the mesh")
 	}
