@@ -153,11 +153,17 @@ func New(cfg Config) (*Bridge, error) {
 func (b *Bridge) runWatcher(ctx context.Context, w Watcher) {
 	defer b.wg.Done()
 	src := w.Source()
+	var logged map[model.Skipped]bool // skips already logged: a bad entry is reported once, not on every change
 	err := w.Run(ctx, func(svcs []model.Service) {
 		clean, skipped := model.Sanitize(svcs)
+		now := make(map[model.Skipped]bool, len(skipped))
 		for _, s := range skipped {
-			b.cfg.Logger.Warn("registry entry skipped", "source", src, "service", s.Hostname, "instance", s.ID, "reason", s.Reason)
+			now[s] = true
+			if !logged[s] {
+				b.cfg.Logger.Warn("registry entry skipped", "source", src, "service", s.Hostname, "instance", s.ID, "reason", s.Reason)
+			}
 		}
+		logged = now
 		eps := 0
 		for _, s := range clean {
 			eps += len(s.Endpoints)

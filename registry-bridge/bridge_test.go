@@ -2,6 +2,8 @@ package bridge
 
 import (
 	"context"
+	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -237,3 +239,30 @@ func TestSourceOptionsFilterAndPlace(t *testing.T) {
 		t.Error("a malformed pattern was accepted")
 	}
 }
+
+func TestSkippedEntryIsLoggedOnce(t *testing.T) {
+	var buf syncBuf
+	w := newFake(model.SourceConsul)
+	cats := &catalogs{ch: make(chan struct{}, 1)}
+	b, err := New(Config{Watchers: []Watcher{w}, OnCatalog: cats.on, Debounce: time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&buf, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	bad := svc(model.SourceConsul, "a.service.consul", "10.0.0.1", "not-an-ip")
+	w.snap <- []model.Service{bad}
+	w.snap <- []model.Service{bad, svc(model.SourceConsul, "b.service.consul", "10.0.0.2")}
+	cats.next(t, func(c *model.Catalog) bool { return len(c.Services) == 2 })
+	if n := strings.Count(buf.String(), "registry entry skipped"); n != 1 {
+		t.Fatalf("the same bad entry was logged %d times, want once:\n%s", n, buf.String())
+	}
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
+func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }

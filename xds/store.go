@@ -113,15 +113,8 @@ func (s *Store) ResourceVersions(typeURL string) map[string]string {
 	return out
 }
 
-var emptyState = mustEmptyState()
-
-func mustEmptyState() *typeState {
-	st, err := buildTypeState(nil)
-	if err != nil {
-		panic(err)
-	}
-	return st
-}
+// emptyState answers types nothing was set for. Building it from no resources cannot fail.
+var emptyState, _ = buildTypeState(nil)
 
 func buildTypeState(res []Resource) (*typeState, error) {
 	sorted := slices.Clone(res)
