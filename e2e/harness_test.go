@@ -47,23 +47,6 @@ func freeAddr(t *testing.T) string {
 	return fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 }
 
-// httpOK waits until GET url on the admin API answers 200.
-func httpOK(url string) func(context.Context) error {
-	return func(ctx context.Context) error {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-			return fmt.Errorf("%s: %d %s", url, resp.StatusCode, strings.TrimSpace(string(b)))
-		}
-		return nil
-	}
-}
-
 // xdsDaemon is a running meshturbo-xds.
 type xdsDaemon struct {
 	*testenv.Process
@@ -81,7 +64,7 @@ func startXDSWith(t *testing.T, sourceFlags ...string) *xdsDaemon {
 	d := &xdsDaemon{MCPAddr: freeAddr(t), AdminAddr: freeAddr(t)}
 	args := append([]string{"-listen", d.MCPAddr, "-admin", d.AdminAddr, "-log-level", "debug"}, sourceFlags...)
 	cmd := exec.Command(filepath.Join(binDir, "meshturbo-xds"), args...)
-	d.Process = testenv.Start(t, "meshturbo-xds", cmd, httpOK("http://"+d.AdminAddr+"/readyz"), 30*time.Second)
+	d.Process = testenv.Start(t, "meshturbo-xds", cmd, testenv.HTTPProbe("http://"+d.AdminAddr+"/readyz", nil), 30*time.Second)
 	return d
 }
 
@@ -101,7 +84,7 @@ func startSidecar(t *testing.T, envoy, istiodXDS string) *sidecar {
 		"-envoy", envoy, "-istiod", istiodXDS, "-envoy-admin", s.EnvoyAdmin, "-admin", admin,
 		"-pod", "client", "-namespace", "default", "-labels", "app=client",
 		"-interception", "none", "-concurrency", "1", "-work-dir", t.TempDir())
-	s.Process = testenv.Start(t, "meshturbo-upgrade", cmd, httpOK("http://"+admin+"/healthz"), 60*time.Second)
+	s.Process = testenv.Start(t, "meshturbo-upgrade", cmd, testenv.HTTPProbe("http://"+admin+"/healthz", nil), 60*time.Second)
 	return s
 }
 
