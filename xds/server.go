@@ -53,8 +53,11 @@ type Config struct {
 	// Addr is the listen address, e.g. "127.0.0.1:15010". Port 0 picks a free port.
 	Addr string
 	// Store is the state to serve. Required.
-	Store  *Store
-	Logger *slog.Logger
+	Store *Store
+	// Register, when set, adds more gRPC services (e.g. the lazy-load access-log receiver)
+	// to the server before it starts.
+	Register func(*grpc.Server)
+	Logger   *slog.Logger
 }
 
 func (c *Config) validate() error {
@@ -116,6 +119,9 @@ func New(cfg Config) (*Server, error) {
 	)
 	xs := serverv3.NewServer(ctx, cfg.Store, s.callbacks())
 	discovery.RegisterAggregatedDiscoveryServiceServer(s.grpc, xs)
+	if cfg.Register != nil {
+		cfg.Register(s.grpc)
+	}
 	go func() { s.done <- s.grpc.Serve(lis) }()
 	s.log.Info("xds server listening", "addr", lis.Addr().String())
 	return s, nil

@@ -72,10 +72,26 @@ func (s *Store) Set(typeURL string, res []Resource) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("set %s: %w", typeURL, err)
 	}
+	return s.install(typeURL, st), nil
+}
+
+// SetEnvoy replaces the full state of an Envoy resource type (e.g. resource.ClusterType) with
+// res, keyed by resource name, for an Envoy this server drives directly (the lazy-load
+// fallback). It returns whether anything changed.
+func (s *Store) SetEnvoy(typeURL string, res map[string]proto.Message) (bool, error) {
+	st, err := buildEnvoyState(res)
+	if err != nil {
+		return false, fmt.Errorf("set %s: %w", typeURL, err)
+	}
+	return s.install(typeURL, st), nil
+}
+
+// install makes st the state of typeURL and answers the waiting watches, unless nothing changed.
+func (s *Store) install(typeURL string, st *typeState) bool {
 	s.mu.Lock()
 	if old, ok := s.types[typeURL]; ok && old.version == st.version {
 		s.mu.Unlock()
-		return false, nil
+		return false
 	}
 	s.types[typeURL] = st
 	var fire []*watch
@@ -87,7 +103,7 @@ func (s *Store) Set(typeURL string, res []Resource) (bool, error) {
 	for _, w := range fire {
 		s.respond(w, typeURL, st)
 	}
-	return true, nil
+	return true
 }
 
 // Version returns the current response version of typeURL ("" when never set).
@@ -117,36 +133,20 @@ func (s *Store) ResourceVersions(typeURL string) map[string]string {
 var emptyState, _ = buildTypeState(nil)
 
 func buildTypeState(res []Resource) (*typeState, error) {
-	sorted := slices.Clone(res)
-	slices.SortFunc(sorted, func(a, b Resource) int {
-		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
-	})
-	st := &typeState{names: make(map[string]string, len(sorted)), resources: make([]*anypb.Any, 0, len(sorted))}
-	typeHash := sha256.New()
-	for _, r := range sorted {
+	entries := make([]stateEntry, 0, len(res))
+	for _, r := range res {
 		if r.Namespace == "" || r.Name == "" || strings.Contains(r.Name, "/") {
 			return nil, fmt.Errorf("resource %q/%q: namespace and name must be set and name must not contain '/'", r.Namespace, r.Name)
 		}
 		name := r.Namespace + "/" + r.Name
-		if _, dup := st.names[name]; dup {
-			return nil, fmt.Errorf("resource %s appears twice", name)
+		version, err := contentVersion(r.Spec, r.Labels)
+		if err != nil {
+			return nil, fmt.Errorf("resource %s: %w", name, err)
 		}
 		body, err := anypb.New(r.Spec)
 		if err != nil {
 			return nil, fmt.Errorf("resource %s: %w", name, err)
 		}
-		// Deterministic marshalling makes the hash a function of content alone.
-		spec, err := proto.MarshalOptions{Deterministic: true}.Marshal(r.Spec)
-		if err != nil {
-			return nil, fmt.Errorf("resource %s: %w", name, err)
-		}
-		h := sha256.New()
-		h.Write(spec)
-		for _, k := range sortedKeys(r.Labels) {
-			fmt.Fprintf(h, "\x00%s=%s", k, r.Labels[k])
-		}
-		version := hex.EncodeToString(h.Sum(nil))[:16]
-		st.names[name] = version
 		wrapped, err := anypb.New(&mcp.Resource{
 			Metadata: &mcp.Metadata{Name: name, Version: version, Labels: r.Labels},
 			Body:     body,
@@ -154,8 +154,61 @@ func buildTypeState(res []Resource) (*typeState, error) {
 		if err != nil {
 			return nil, fmt.Errorf("resource %s: %w", name, err)
 		}
-		st.resources = append(st.resources, wrapped)
-		fmt.Fprintf(typeHash, "%s\x00%s\x00", name, version)
+		entries = append(entries, stateEntry{name: name, version: version, body: wrapped})
+	}
+	return newTypeState(entries)
+}
+
+// buildEnvoyState builds the state of an Envoy type (Cluster, Listener, Secret, …): the
+// resources are sent as they are, named by their own name.
+func buildEnvoyState(res map[string]proto.Message) (*typeState, error) {
+	entries := make([]stateEntry, 0, len(res))
+	for name, m := range res {
+		version, err := contentVersion(m, nil)
+		if err != nil {
+			return nil, fmt.Errorf("resource %s: %w", name, err)
+		}
+		body, err := anypb.New(m)
+		if err != nil {
+			return nil, fmt.Errorf("resource %s: %w", name, err)
+		}
+		entries = append(entries, stateEntry{name: name, version: version, body: body})
+	}
+	return newTypeState(entries)
+}
+
+type stateEntry struct {
+	name, version string
+	body          *anypb.Any
+}
+
+// contentVersion hashes a resource's content. Deterministic marshalling makes the hash a
+// function of content alone.
+func contentVersion(m proto.Message, labels map[string]string) (string, error) {
+	spec, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	h.Write(spec)
+	for _, k := range sortedKeys(labels) {
+		fmt.Fprintf(h, "\x00%s=%s", k, labels[k])
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16], nil
+}
+
+// newTypeState sorts entries by name and derives the type version from names and versions.
+func newTypeState(entries []stateEntry) (*typeState, error) {
+	slices.SortFunc(entries, func(a, b stateEntry) int { return cmp.Compare(a.name, b.name) })
+	st := &typeState{names: make(map[string]string, len(entries)), resources: make([]*anypb.Any, 0, len(entries))}
+	typeHash := sha256.New()
+	for _, e := range entries {
+		if _, dup := st.names[e.name]; dup {
+			return nil, fmt.Errorf("resource %s appears twice", e.name)
+		}
+		st.names[e.name] = e.version
+		st.resources = append(st.resources, e.body)
+		fmt.Fprintf(typeHash, "%s\x00%s\x00", e.name, e.version)
 	}
 	st.version = hex.EncodeToString(typeHash.Sum(nil))[:16]
 	return st, nil

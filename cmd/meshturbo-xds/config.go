@@ -49,6 +49,50 @@ type Config struct {
 	// MeshServices are registered into every source with registerMeshServices: true, so
 	// non-mesh callers that only read that registry find them.
 	MeshServices []MeshServiceConfig `yaml:"meshServices"`
+	// LazyLoad narrows chosen workloads' sidecars to the services they call.
+	LazyLoad *LazyLoadConfig `yaml:"lazyload"`
+}
+
+// LazyLoadConfig configures lazy loading (package xds/lazyload). Example:
+//
+//	lazyload:
+//	  caDir: /etc/meshturbo/ca             # mesh CA: the fallback's certificate comes from it
+//	  stateFile: /var/lib/meshturbo/lazyload.json
+//	  edgeTTL: 24h
+//	  alwaysInclude: ["istio-system/*"]
+//	  fallback: {address: 10.0.0.9, httpPort: 15081, envoy: /usr/local/bin/envoy, admin: 127.0.0.1:15082}
+//	  workloads:
+//	  - {namespace: shop, name: frontend, selector: {app: frontend}, dependencies: [cart.service.consul]}
+type LazyLoadConfig struct {
+	CADir         string                   `yaml:"caDir"`
+	TrustDomain   string                   `yaml:"trustDomain"`
+	StateFile     string                   `yaml:"stateFile"`
+	EdgeTTL       Duration                 `yaml:"edgeTTL"`
+	AlwaysInclude []string                 `yaml:"alwaysInclude"`
+	Fallback      FallbackConfig           `yaml:"fallback"`
+	Workloads     []LazyLoadWorkloadConfig `yaml:"workloads"`
+}
+
+// FallbackConfig is the lazy-load fallback proxy.
+type FallbackConfig struct {
+	Host           string `yaml:"host"`
+	Address        string `yaml:"address"`
+	HTTPPort       uint32 `yaml:"httpPort"`
+	ServiceAccount string `yaml:"serviceAccount"`
+	// Envoy, when set, is the Envoy binary meshturbo-xds runs as the fallback; otherwise an
+	// Envoy started elsewhere with the bootstrap from `meshturbo-xds -fallback-bootstrap`.
+	Envoy string `yaml:"envoy"`
+	// Admin is the fallback Envoy's admin address (default 127.0.0.1:15082).
+	Admin string `yaml:"admin"`
+}
+
+// LazyLoadWorkloadConfig is one narrowed workload.
+type LazyLoadWorkloadConfig struct {
+	Namespace      string            `yaml:"namespace"`
+	Name           string            `yaml:"name"`
+	Selector       map[string]string `yaml:"selector"`
+	ServiceAccount string            `yaml:"serviceAccount"`
+	Dependencies   []string          `yaml:"dependencies"`
 }
 
 // MeshServiceConfig is a mesh service to register into registries (reverse registration).
@@ -192,6 +236,9 @@ func (c *Config) defaults() {
 	if c.Istio.Namespace == "" {
 		c.Istio.Namespace = "meshturbo-system"
 	}
+	if l := c.LazyLoad; l != nil && l.Fallback.Admin == "" {
+		l.Fallback.Admin = "127.0.0.1:15082"
+	}
 }
 
 func (c *Config) validate() error {
@@ -222,6 +269,22 @@ func (c *Config) validate() error {
 	}
 	if len(c.Sources) == 0 {
 		errs = append(errs, errors.New("sources: at least one registry is required"))
+	}
+	if l := c.LazyLoad; l != nil {
+		if l.CADir == "" {
+			errs = append(errs, errors.New("lazyload.caDir: required; the fallback needs a certificate from the mesh CA (ca-cert.pem, ca-key.pem)"))
+		}
+		if net.ParseIP(l.Fallback.Address) == nil {
+			errs = append(errs, fmt.Errorf("lazyload.fallback.address: %q is not an IP address; set the IP the fallback Envoy listens on", l.Fallback.Address))
+		}
+		field("lazyload.fallback.admin", checkHostPort(l.Fallback.Admin))
+		if l.Fallback.Envoy != "" {
+			_, err := os.Stat(l.Fallback.Envoy)
+			field("lazyload.fallback.envoy", err)
+		}
+		if len(l.Workloads) == 0 {
+			errs = append(errs, errors.New("lazyload.workloads: at least one workload is required"))
+		}
 	}
 	for i, s := range c.Sources {
 		at := fmt.Sprintf("sources[%d]", i)
