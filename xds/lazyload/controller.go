@@ -124,14 +124,14 @@ type Controller struct {
 	stop chan struct{}
 	done chan struct{}
 
-	mu         sync.Mutex
-	catalog    *model.Catalog
-	scopes     map[string]Scope // by workload id
-	hits       map[string]uint64
-	unknown    uint64 // access-log entries from callers that are no configured workload
-	unroutable map[uint32]string
-	published  map[string]time.Time // workload → last Sidecar change served
-	persistErr error
+	mu          sync.Mutex
+	catalog     *model.Catalog
+	scopes      map[string]Scope // by workload id
+	hits        map[string]uint64
+	unknown     uint64 // access-log entries from callers that are no configured workload
+	unroutable  map[uint32]string
+	published   map[string]time.Time // workload → last Sidecar change served
+	persistErr  error
 	identityGen int
 }
 

@@ -45,7 +45,9 @@ const (
 
 // clusterName names the fallback's cluster for one service port; the access-log receiver
 // reads host and port back from it.
-func clusterName(host string, port uint32) string { return "lazy|" + strconv.Itoa(int(port)) + "|" + host }
+func clusterName(host string, port uint32) string {
+	return "lazy|" + strconv.Itoa(int(port)) + "|" + host
+}
 
 // parseClusterName is the inverse of clusterName.
 func parseClusterName(name string) (host string, port uint32, ok bool) {
