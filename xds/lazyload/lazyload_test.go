@@ -286,7 +286,7 @@ func TestControllerLearnsOverALSAndKeepsEdgesAcrossRestart(t *testing.T) {
 	err = stream.Send(&alsv3.StreamAccessLogsMessage{LogEntries: &alsv3.StreamAccessLogsMessage_HttpLogs{HttpLogs: &alsv3.StreamAccessLogsMessage_HTTPAccessLogEntries{
 		LogEntry: []*accesslogdata.HTTPAccessLogEntry{
 			alsEntry("spiffe://cluster.local/ns/default/sa/client", "lazy|80|a.consul"),
-			alsEntry("spiffe://cluster.local/ns/other/sa/stranger", "lazy|80|b.consul"), // not a lazy-load workload
+			alsEntry("spiffe://cluster.local/ns/other/sa/stranger", "lazy|80|b.consul"),      // not a lazy-load workload
 			alsEntry("spiffe://cluster.local/ns/default/sa/client", "outbound|80||b.consul"), // not a fallback cluster
 		},
 	}}})
@@ -296,7 +296,9 @@ func TestControllerLearnsOverALSAndKeepsEdgesAcrossRestart(t *testing.T) {
 	if _, err := stream.CloseAndRecv(); err != nil {
 		t.Fatal(err)
 	}
-	awaitScope(t, ctrl, func(s Scope) bool { return slices.Contains(s.Hosts, "*/a.consul") && slices.Contains(s.Hosts, "*/g.consul") })
+	awaitScope(t, ctrl, func(s Scope) bool {
+		return slices.Contains(s.Hosts, "*/a.consul") && slices.Contains(s.Hosts, "*/g.consul")
+	})
 	s, _ := ctrl.Scope("default/client")
 	if slices.Contains(s.Hosts, "*/b.consul") || s.FallbackHits != 1 || s.Services != 2 {
 		t.Fatalf("scope %+v: want a.consul (learned) and g.consul (declared) only, 1 fallback hit", s)
