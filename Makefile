@@ -66,7 +66,7 @@ bench-upgrade: deps
 	$(GO) run ./bench/upgrade $(BENCH_UPGRADE_FLAGS)
 
 # Lazy loading with real istiod and Envoy: a full sidecar vs one narrowed to the 5 services it
-# calls out of 1,000, and the pushes it gets while 100 unrelated services change (about 2 minutes).
+# calls out of 1,000, and the pushes it gets while 100 unrelated services change (under a minute).
 BENCH_LAZYLOAD_FLAGS ?=
 bench-lazyload: deps
 	$(GO) run ./bench/lazyload $(BENCH_LAZYLOAD_FLAGS)
