@@ -86,7 +86,7 @@ func TestLazyLoadFirstCallThroughFallbackThenDirect(t *testing.T) {
 		}
 		for _, s := range svcs {
 			if !strings.Contains(listeners, fmt.Sprintf("127.0.0.1:%d", s.port)) {
-				return fmt.Errorf("no listener on port %d yet", s.port)
+				return fmt.Errorf("no listener on port %d (%s) yet; listeners: %s", s.port, s.protocol, strings.ReplaceAll(listeners, "\n", " "))
 			}
 			if strings.Contains(clusters, "||"+s.host()+"::") {
 				return fmt.Errorf("%s is in the scope before any call", s.host())
@@ -120,15 +120,18 @@ func TestLazyLoadFirstCallThroughFallbackThenDirect(t *testing.T) {
 		for _, s := range svcs {
 			// Calls made while a listener update is still settling may yet take the fallback;
 			// wait until a call no longer moves the fallback's counter, then check three more.
-			awaitCondition(t, 5*time.Second, when+": calls to "+s.host()+" bypass the fallback", func() error {
-				before := fallbackCalls(t, lz.FallbackAdmin, s)
+			awaitCondition(t, 10*time.Second, when+": calls to "+s.host()+" bypass the fallback", func() error {
+				before, err := fallbackCallsErr(lz.FallbackAdmin, s) // a restarted fallback needs its config first
+				if err != nil {
+					return err
+				}
 				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 				defer cancel()
 				if err := s.call(ctx); err != nil {
 					return err
 				}
-				if after := fallbackCalls(t, lz.FallbackAdmin, s); after != before {
-					return fmt.Errorf("the call went through the fallback (%d → %d)", before, after)
+				if after, err := fallbackCallsErr(lz.FallbackAdmin, s); err != nil || after != before {
+					return fmt.Errorf("the call went through the fallback (%d → %d, %v)", before, after, err)
 				}
 				return nil
 			})
@@ -270,6 +273,14 @@ func envoyAdmin(addr, path string) (string, error) {
 // services, connections for TCP ones), from its own stats.
 func fallbackCalls(t *testing.T, adminAddr string, s *lazyService) uint64 {
 	t.Helper()
+	n, err := fallbackCallsErr(adminAddr, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func fallbackCallsErr(adminAddr string, s *lazyService) (uint64, error) {
 	stat := "upstream_rq_total"
 	if s.protocol == "tcp" {
 		stat = "upstream_cx_total"
@@ -277,7 +288,7 @@ func fallbackCalls(t *testing.T, adminAddr string, s *lazyService) uint64 {
 	name := fmt.Sprintf("cluster.lazy|%d|%s.%s", s.port, s.host(), stat)
 	body, err := envoyAdmin(adminAddr, "/stats?format=json&filter="+strings.ReplaceAll(strings.ReplaceAll(name, "|", "%7C"), ".", "\\."))
 	if err != nil {
-		t.Fatalf("fallback stats: %v", err)
+		return 0, fmt.Errorf("fallback stats: %w", err)
 	}
 	var st struct {
 		Stats []struct {
@@ -286,15 +297,14 @@ func fallbackCalls(t *testing.T, adminAddr string, s *lazyService) uint64 {
 		} `json:"stats"`
 	}
 	if err := json.Unmarshal([]byte(body), &st); err != nil {
-		t.Fatalf("fallback stats %q: %v", body, err)
+		return 0, fmt.Errorf("fallback stats %q: %w", body, err)
 	}
 	for _, s := range st.Stats {
 		if s.Name == name {
-			return s.Value
+			return s.Value, nil
 		}
 	}
-	t.Fatalf("fallback has no stat %s (has %s)", name, body)
-	return 0
+	return 0, fmt.Errorf("fallback has no stat %s (yet): %s", name, body)
 }
 
 // lazyEdges returns the edges meshturbo-xds reports, as "workload→host:port".

@@ -1,7 +1,10 @@
 // Command meshturbo-demo is `make demo`: on one machine, with no Kubernetes, it starts Consul,
-// meshturbo-xds, istiod and one Envoy sidecar (run by meshturbo-upgrade), registers two sample
-// HTTP services in Consul, calls them through the sidecar and prints what was called and how.
-// It stops everything it started when done or on Ctrl-C.
+// ZooKeeper, Eureka, meshturbo-xds (with the lazy-load fallback Envoy), istiod and one Envoy
+// sidecar (run by meshturbo-upgrade) narrowed by lazy loading. It registers sample services in
+// the three registries, calls them through the sidecar — each first call through the fallback,
+// later ones direct — shows the sidecar's config before and after, lets non-mesh clients find a
+// mesh service in Consul and Eureka, and hot-upgrades the sidecar under load. It stops
+// everything it started when done or on Ctrl-C.
 package main
 
 import (
@@ -12,11 +15,14 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -24,6 +30,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"github.com/meshturbo/meshturbo/hotupgrade"
 	"github.com/meshturbo/meshturbo/internal/testenv"
 )
 
@@ -150,13 +157,36 @@ func run(ctx context.Context, env *testenv.Env, callsPerService int) error {
 	if err := done(); err != nil {
 		return err
 	}
+	// The rest of the mesh: services this client never calls, which lazy loading keeps out of
+	// its sidecar.
+	const others = 200
+	done = step(ctx, "registering %d more services in Consul that the demo client never calls", others)
+	for i := range others {
+		name := fmt.Sprintf("inventory-%03d", i)
+		if err := cc.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: name, Name: name, Address: samples[0].ip,
+			Port: samples[i%2].port, Meta: map[string]string{"protocol": "http"}}); err != nil {
+			return fmt.Errorf("register %s in consul: %w", name, err)
+		}
+	}
+	if err := done(); err != nil {
+		return err
+	}
 
-	done = step(ctx, "starting meshturbo-xds (registries → ServiceEntry over MCP; greeter → Consul and Eureka)")
-	ports, err := testenv.FreeLoopbackPorts(4)
+	done = step(ctx, "starting meshturbo-xds (registries → ServiceEntry over MCP; greeter → Consul and Eureka; lazy loading)")
+	ports, err := testenv.FreeLoopbackPorts(6)
 	if err != nil {
 		return err
 	}
 	mcp, admin, envoyAdmin, upAdmin := testenv.Addr(ports[0]), testenv.Addr(ports[1]), testenv.Addr(ports[2]), testenv.Addr(ports[3])
+	fbAdmin, fbPort := testenv.Addr(ports[4]), ports[5]
+	edges := filepath.Join(env.Dir(), "lazyload-edges.json")
+	if err := os.Remove(edges); err != nil && !os.IsNotExist(err) { // the demo starts with nothing learned
+		return err
+	}
+	caDir := filepath.Join(env.Dir(), "mesh-ca")
+	if err := writeMeshCA(caDir); err != nil {
+		return err
+	}
 	cfgPath := filepath.Join(env.Dir(), "meshturbo-xds.yaml")
 	if err := os.WriteFile(cfgPath, []byte(fmt.Sprintf(`listen: %s
 admin: {listen: %s}
@@ -168,7 +198,14 @@ sources:
   registerMeshServices: true
 meshServices:
 - {name: greeter, address: %s, port: %d, protocol: http}
-`, mcp, admin, consul.HTTPAddr, zkSrv.Addr, eureka.URL, greeter.ip, greeter.port)), 0o644); err != nil {
+lazyload:
+  caDir: %s
+  stateFile: %s
+  fallback: {address: 127.0.0.7, httpPort: %d, envoy: %s, admin: %s}
+  workloads:
+  - {namespace: default, name: demo-client, selector: {app: demo-client}}
+`, mcp, admin, consul.HTTPAddr, zkSrv.Addr, eureka.URL, greeter.ip, greeter.port,
+		caDir, edges, fbPort, deps.Envoy, fbAdmin)), 0o644); err != nil {
 		return err
 	}
 	if _, err := testenv.StartIn(env, "meshturbo-xds", exec.Command(filepath.Join(binDir, "meshturbo-xds"), "-config", cfgPath),
@@ -191,26 +228,43 @@ meshServices:
 	done = step(ctx, "starting the Envoy sidecar through meshturbo-upgrade")
 	if _, err := testenv.StartIn(env, "meshturbo-upgrade", exec.Command(filepath.Join(binDir, "meshturbo-upgrade"),
 		"-envoy", deps.Envoy, "-istiod", istiod.XDSAddr, "-envoy-admin", envoyAdmin, "-admin", upAdmin,
-		"-pod", "demo-client", "-namespace", "default", "-labels", "app=demo-client", "-interception", "none"),
+		"-pod", "demo-client", "-namespace", "default", "-labels", "app=demo-client", "-interception", "none",
+		"-service-account", "demo-client", "-ca-dir", caDir, "-work-dir", filepath.Join(env.Dir(), "demo-client")),
 		testenv.HTTPProbe("http://"+upAdmin+"/healthz", nil), time.Minute); err != nil {
+		return err
+	}
+	if err := awaitScoped(ctx, envoyAdmin, samples); err != nil {
 		return err
 	}
 	if err := done(); err != nil {
 		return err
 	}
+	before, err := envoySize(envoyAdmin)
+	if err != nil {
+		return err
+	}
 
 	fmt.Println()
 	var rows []row
+	var lags []time.Duration
 	for _, s := range samples {
 		host := hostFor(s)
 		for i := range callsPerService {
+			hits := fallbackHits(fbAdmin, host, s.port)
 			r := call(ctx, host, s.port)
-			if i == 0 && r.err != nil {
-				// The first call may race istiod's first push; wait for it on a deadline.
-				r = awaitFirst(ctx, host, s.port, 30*time.Second)
+			r.registry, r.via, r.endpoint = s.registry, "sidecar → direct", fmt.Sprintf("%s:%d", s.ip, s.port)
+			if fallbackHits(fbAdmin, host, s.port) > hits {
+				r.via = "sidecar → fallback (learning)"
 			}
-			r.registry, r.via, r.endpoint = s.registry, "envoy sidecar (istiod)", fmt.Sprintf("%s:%d", s.ip, s.port)
 			rows = append(rows, r)
+			if i == 0 && r.err == nil {
+				// The fallback reported the call; wait for the direct path in the sidecar.
+				lag, err := awaitDirect(ctx, envoyAdmin, host, s.port, 10*time.Second)
+				if err != nil {
+					return err
+				}
+				lags = append(lags, lag)
+			}
 		}
 	}
 	// Non-mesh callers: they only read their registry, then call what it says.
@@ -238,6 +292,21 @@ meshServices:
 			return fmt.Errorf("call to %s failed: %w", r.service, r.err)
 		}
 	}
+	after, err := envoySize(envoyAdmin)
+	if err != nil {
+		return err
+	}
+	sort.Slice(lags, func(i, j int) bool { return lags[i] < lags[j] })
+	fmt.Printf("\nlazy loading: the mesh has %d services; the demo client called %d of them.\n", len(samples)+1+others, len(samples))
+	fmt.Printf("  each first call went through the fallback; the direct path was in the sidecar %s–%s later\n",
+		lags[0].Round(time.Millisecond), lags[len(lags)-1].Round(time.Millisecond))
+	fmt.Printf("  sidecar before the first call: %d clusters, %.0f KiB of config (the fallback and a stand-in per service port)\n",
+		before.clusters, float64(before.configBytes)/1024)
+	fmt.Printf("  sidecar after:                 %d clusters, %.0f KiB (the %d called services replaced their ports' stand-ins;\n",
+		after.clusters, float64(after.configBytes)/1024, len(samples))
+	fmt.Printf("                                 the other %d services stay out — make bench-lazyload compares with a full sidecar)\n",
+		others+1)
+	fmt.Printf("  learned edges: meshctl lazyload edges, or GET http://%s/v1/lazyload/edges\n", admin)
 	if deps.EnvoyOld == "" {
 		return ctx.Err()
 	}
@@ -384,20 +453,6 @@ func call(ctx context.Context, host string, port int) row {
 	return r
 }
 
-func awaitFirst(ctx context.Context, host string, port int, within time.Duration) row {
-	deadline := time.Now().Add(within)
-	for {
-		r := call(ctx, host, port)
-		if r.err == nil || time.Now().After(deadline) || ctx.Err() != nil {
-			return r
-		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
 func printTable(w io.Writer, rows []row) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "SERVICE\tREGISTRY\tVIA\tENDPOINT\tSTATUS\tLATENCY\tRESPONSE")
@@ -441,4 +496,119 @@ func countFor(rows []row, service string) int {
 		}
 	}
 	return n
+}
+
+// writeMeshCA creates the mesh CA the sidecar and the lazy-load fallback share.
+func writeMeshCA(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	ca, err := hotupgrade.NewCA("cluster.local")
+	if err != nil {
+		return err
+	}
+	return ca.Write(dir)
+}
+
+// adminGet reads an Envoy admin page.
+func adminGet(ctx context.Context, addr, path string) (string, error) {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
+// await polls check until it passes, within passes or ctx ends.
+func await(ctx context.Context, within time.Duration, what string, check func() error) (time.Duration, error) {
+	start := time.Now()
+	for {
+		err := check()
+		if err == nil {
+			return time.Since(start), nil
+		}
+		if time.Since(start) > within || ctx.Err() != nil {
+			return 0, fmt.Errorf("%s: not within %s: %w", what, within, err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// awaitScoped waits until the lazy-loaded sidecar can take a first call to every sample: a
+// listener on each sample port and the fallback cluster.
+func awaitScoped(ctx context.Context, envoyAdmin string, samples []*sample) error {
+	_, err := await(ctx, time.Minute, "the sidecar's first config (the lazy-load fallback)", func() error {
+		clusters, err := adminGet(ctx, envoyAdmin, "/clusters")
+		if err != nil {
+			return err
+		}
+		listeners, err := adminGet(ctx, envoyAdmin, "/listeners")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(clusters, "||meshturbo-fallback.meshturbo.internal::") {
+			return fmt.Errorf("no fallback cluster")
+		}
+		for _, s := range samples {
+			if !strings.Contains(listeners, fmt.Sprintf("127.0.0.1:%d", s.port)) {
+				return fmt.Errorf("no listener on port %d", s.port)
+			}
+		}
+		return nil
+	})
+	return err
+}
+
+// awaitDirect waits until the sidecar has its own cluster for host:port.
+func awaitDirect(ctx context.Context, envoyAdmin, host string, port int, within time.Duration) (time.Duration, error) {
+	return await(ctx, within, "the direct path to "+host, func() error {
+		clusters, err := adminGet(ctx, envoyAdmin, "/clusters")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(clusters, fmt.Sprintf("outbound|%d||%s::", port, host)) {
+			return fmt.Errorf("no cluster outbound|%d||%s yet", port, host)
+		}
+		return nil
+	})
+}
+
+// fallbackHits is how many requests the fallback forwarded to host:port.
+func fallbackHits(fbAdmin, host string, port int) int {
+	name := fmt.Sprintf("cluster.lazy|%d|%s.upstream_rq_total", port, host)
+	body, err := adminGet(context.Background(), fbAdmin, "/stats?filter="+url.QueryEscape("^"+regexp.QuoteMeta(name)+"$"))
+	if err != nil {
+		return 0
+	}
+	_, v, _ := strings.Cut(strings.TrimSpace(body), ": ")
+	n, _ := strconv.Atoi(v)
+	return n
+}
+
+type configSize struct{ clusters, configBytes int }
+
+// envoySize is the sidecar's cluster count and config size.
+func envoySize(envoyAdmin string) (configSize, error) {
+	var s configSize
+	clusters, err := adminGet(context.Background(), envoyAdmin, "/clusters")
+	if err != nil {
+		return s, err
+	}
+	seen := map[string]bool{}
+	for _, line := range strings.Split(clusters, "\n") {
+		if name, _, ok := strings.Cut(line, "::"); ok {
+			seen[name] = true
+		}
+	}
+	dump, err := adminGet(context.Background(), envoyAdmin, "/config_dump?include_eds")
+	if err != nil {
+		return s, err
+	}
+	return configSize{clusters: len(seen), configBytes: len(dump)}, nil
 }

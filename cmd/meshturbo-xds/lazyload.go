@@ -173,7 +173,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 
 // lazyCollector exports lazy loading's counters.
 type lazyCollector struct {
-	ctrl                                          *lazyload.Controller
+	ctrl                                         *lazyload.Controller
 	edges, scope, hits, unknown, lag, unroutable *prometheus.Desc
 }
 

@@ -30,6 +30,7 @@ type args struct {
 	config    string
 	listen    string
 	adminAddr string
+	tokenFile string
 	consul    string
 	zookeeper string
 	eureka    string
@@ -41,7 +42,8 @@ func main() {
 	var a args
 	flag.StringVar(&a.config, "config", "", "config file (YAML); without it the flags below describe a single Consul source")
 	flag.StringVar(&a.listen, "listen", "127.0.0.1:15050", "xDS (MCP) listen address istiod connects to")
-	flag.StringVar(&a.adminAddr, "admin", "127.0.0.1:15051", "admin API address (loopback)")
+	flag.StringVar(&a.adminAddr, "admin", "127.0.0.1:15051", "admin API address: loopback host:port or unix:///path; elsewhere it needs -admin-token-file")
+	flag.StringVar(&a.tokenFile, "admin-token-file", "", "file with the admin API bearer token (overrides admin.tokenFile)")
 	flag.StringVar(&a.consul, "consul", "", "Consul HTTP address to bridge, e.g. 127.0.0.1:8500")
 	flag.StringVar(&a.zookeeper, "zookeeper", "", "ZooKeeper servers to bridge (Dubbo and Curator layouts), host:port[,host:port]")
 	flag.StringVar(&a.eureka, "eureka", "", "Eureka base URL to bridge, e.g. http://127.0.0.1:8761/eureka")
@@ -78,9 +80,12 @@ func (a args) loadConfig() (*Config, error) {
 		if a.set["admin"] {
 			c.Admin.Listen = a.adminAddr
 		}
+		if a.set["admin-token-file"] {
+			c.Admin.TokenFile = a.tokenFile
+		}
 		return c, nil
 	}
-	c := &Config{Listen: a.listen, Admin: AdminConfig{Listen: a.adminAddr}, Istio: IstioConfig{Namespace: a.namespace}}
+	c := &Config{Listen: a.listen, Admin: AdminConfig{Listen: a.adminAddr, TokenFile: a.tokenFile}, Istio: IstioConfig{Namespace: a.namespace}}
 	if a.consul != "" {
 		c.Sources = append(c.Sources, SourceConfig{Consul: &ConsulConfig{Address: a.consul}})
 	}
@@ -109,10 +114,6 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	if err != nil {
 		return err
 	}
-	token, err := readSecret(cfg.Admin.TokenFile)
-	if err != nil {
-		return fmt.Errorf("admin.tokenFile: %w", err)
-	}
 	var vipRange netip.Prefix
 	if cfg.Istio.VIPRange != "" {
 		vipRange = netip.MustParsePrefix(cfg.Istio.VIPRange) // validated
@@ -121,11 +122,25 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	topts := bridge.TranslateOptions{Namespace: cfg.Istio.Namespace, VIPRange: vipRange}
 
 	store := xds.NewStore()
-	srv, err := xds.New(xds.Config{Addr: cfg.Listen, Store: store, Logger: log.With("component", "xds")})
+	var lazy *lazyLoad
+	xcfg := xds.Config{Addr: cfg.Listen, Store: store, Logger: log.With("component", "xds")}
+	if cfg.LazyLoad != nil {
+		if lazy, err = newLazyLoad(cfg.LazyLoad, cfg.Istio.Namespace, store, log); err != nil {
+			return err
+		}
+		defer func() { err = errors.Join(err, lazy.Close()) }()
+		xcfg.Register = lazy.ctrl.RegisterALS
+	}
+	srv, err := xds.New(xcfg)
 	if err != nil {
 		return err
 	}
 	defer func() { err = errors.Join(err, srv.Close()) }()
+	if lazy != nil {
+		if err := lazy.startFallback(ctx, srv.Addr(), log); err != nil {
+			return err
+		}
+	}
 
 	br, err := bridge.New(bridge.Config{
 		Watchers:  watchers,
@@ -138,6 +153,10 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 			if err != nil {
 				log.Error("catalog not served; the previous one stays in force", "error", err)
 				return
+			}
+			if lazy != nil {
+				res = append(res, lazy.ctrl.ServiceEntries(cat)...)
+				defer lazy.ctrl.SetCatalog(cat) // after the ServiceEntries are served
 			}
 			changed, err := store.Set(xds.TypeServiceEntry, res)
 			if err != nil {
@@ -165,9 +184,10 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	}
 
 	adm, err := admin.New(admin.Config{
-		Addr:   cfg.Admin.Listen,
-		Token:  token,
-		Logger: log,
+		Addr:      cfg.Admin.Listen,
+		TokenFile: cfg.Admin.TokenFile,
+		Name:      "meshturbo-xds",
+		Logger:    log,
 		Ready: func() error {
 			for _, s := range br.Status() {
 				if !s.Synced {
@@ -193,6 +213,10 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	})
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newCollector(br, srv), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if lazy != nil {
+		lazy.handle(adm)
+		reg.MustRegister(newLazyCollector(lazy.ctrl))
+	}
 	adm.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	adm.Serve()
 	defer func() { err = errors.Join(err, adm.Close()) }()

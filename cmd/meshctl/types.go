@@ -1,0 +1,222 @@
+package main
+
+import "time"
+
+// The daemons' admin JSON, as far as meshctl shows it in tables. meshctl keeps its own copies
+// instead of importing the daemons' packages (which would link Consul, ZooKeeper and BPF
+// libraries into the CLI); -o json and -o yaml print the daemons' answers unchanged, so a
+// field meshctl does not know yet is still shown there. The e2e tests decode the real
+// daemons' answers into these types, so a drift fails there.
+
+// sourceStatus is one element of meshturbo-xds GET /v1/registries.
+type sourceStatus struct {
+	Source      string        `json:"source"`
+	Synced      bool          `json:"synced"`
+	LastSync    time.Time     `json:"last_sync"`
+	Services    int           `json:"services"`
+	Endpoints   int           `json:"endpoints"`
+	Skipped     []skippedItem `json:"skipped"`
+	SyncLatency int64         `json:"sync_latency_ns"`
+	Stale       bool          `json:"stale"`
+	LastContact time.Time     `json:"last_contact"`
+	LastError   string        `json:"last_error"`
+}
+
+type skippedItem struct {
+	Source   string `json:"source"`
+	Hostname string `json:"hostname"`
+	Code     string `json:"code"`
+	ID       string `json:"id"`
+	Reason   string `json:"reason"`
+}
+
+// service is one element of meshturbo-xds GET /v1/services (the model's field names).
+type service struct {
+	Hostname  string
+	Namespace string
+	Source    string
+	Ports     []servicePort
+	Endpoints []endpoint
+	Labels    map[string]string
+}
+
+type servicePort struct {
+	Name     string
+	Number   uint32
+	Protocol string
+}
+
+type endpoint struct {
+	ID       string
+	Address  string
+	Ports    map[string]uint32
+	Labels   map[string]string
+	Locality string
+	Weight   uint32
+	Meshed   bool
+}
+
+// xdsClient is one element of meshturbo-xds GET /v1/xds/clients.
+type xdsClient struct {
+	NodeID    string            `json:"node_id"`
+	Connected time.Time         `json:"connected"`
+	Acked     map[string]string `json:"acked"`
+	Nacked    map[string]string `json:"nacked"`
+}
+
+// The lazy-loading contract of meshturbo-xds:
+//
+//	GET /v1/lazyload/edges[?workload=<namespace>/<name>] → {"edges": [edge...]}
+//	GET /v1/lazyload/scopes                            → {"scopes": [scope...]}
+//	GET /v1/lazyload/scopes/{namespace}/{name}         → scope, or 404 {"error": ...}
+type edgeList struct {
+	Edges []edge `json:"edges"`
+}
+
+type edge struct {
+	Workload  string    `json:"workload"`
+	Host      string    `json:"host"`
+	Port      uint32    `json:"port"`
+	Protocol  string    `json:"protocol"`
+	Origin    string    `json:"origin"` // learned or static
+	FirstSeen time.Time `json:"firstSeen"`
+	LastSeen  time.Time `json:"lastSeen"`
+	Hits      uint64    `json:"hits"`
+	Expires   time.Time `json:"expires"` // zero for static edges
+}
+
+type scopeList struct {
+	Scopes []scope `json:"scopes"`
+}
+
+type scope struct {
+	Workload     string            `json:"workload"`
+	Namespace    string            `json:"namespace"`
+	Selector     map[string]string `json:"selector"`
+	Hosts        []string          `json:"hosts"`
+	Version      string            `json:"version"`
+	FallbackHits uint64            `json:"fallbackHits"`
+}
+
+// accelStatus is meshturbo-agent GET /v1/accel.
+type accelStatus struct {
+	Accelerating   bool           `json:"accelerating"`
+	FallbackReason string         `json:"fallback_reason"`
+	Features       []accelFeature `json:"features"`
+	State          *accelState    `json:"state"`
+	Stats          *accelStats    `json:"stats"`
+	Sockets        int            `json:"accelerated_sockets"`
+	Error          string         `json:"error"`
+}
+
+type accelFeature struct {
+	Feature   string `json:"feature"`
+	Supported bool   `json:"supported"`
+	Error     string `json:"error"`
+}
+
+type accelState struct {
+	PinPath      string            `json:"pin_path"`
+	CgroupPath   string            `json:"cgroup_path"`
+	MaxConns     uint32            `json:"max_conns"`
+	SmallMsg     uint32            `json:"small_msg"`
+	SmallRun     uint32            `json:"small_run"`
+	Programs     []accelAttachment `json:"programs"`
+	ReusedMaps   []string          `json:"reused_maps"`
+	OtherSockOps []uint32          `json:"other_sockops"`
+	MeshIPs      []string          `json:"mesh_ips"`
+	SidecarPorts []uint16          `json:"sidecar_ports"`
+}
+
+type accelAttachment struct {
+	Program   string `json:"program"`
+	Hook      string `json:"hook"`
+	ProgramID uint32 `json:"program_id"`
+	LinkID    uint32 `json:"link_id"`
+	LinkPin   string `json:"link_pin"`
+	Adopted   bool   `json:"adopted"`
+}
+
+type accelStats struct {
+	SocketsInserted  uint64 `json:"sockets_inserted"`
+	InsertFailed     uint64 `json:"insert_failed"`
+	InsertBusy       uint64 `json:"insert_busy"`
+	InsertFull       uint64 `json:"insert_full"`
+	SocketsSkipped   uint64 `json:"sockets_skipped"`
+	MsgRedirected    uint64 `json:"msg_redirected"`
+	BytesRedirected  uint64 `json:"bytes_redirected"`
+	MsgFallthrough   uint64 `json:"msg_fallthrough"`
+	BytesFallthrough uint64 `json:"bytes_fallthrough"`
+	MsgTCPOnly       uint64 `json:"msg_tcp_only"`
+	BytesTCPOnly     uint64 `json:"bytes_tcp_only"`
+	SocketsDemoted   uint64 `json:"sockets_demoted"`
+	StateFailed      uint64 `json:"state_failed"`
+}
+
+// vppStatus is meshturbo-agent GET /v1/vpp, once the agent runs VPP: the vpp package's
+// Status (JSON keys match its field names case-insensitively).
+type vppStatus struct {
+	Connected      bool       `json:"connected"`
+	Version        string     `json:"version"`
+	Connects       int        `json:"connects"`
+	Uplink         *vppUplink `json:"uplink"`
+	Namespaces     []string   `json:"namespaces"`
+	LastApply      time.Time  `json:"lastApply"`
+	LastApplyError string     `json:"lastApplyError"`
+	Fatal          string     `json:"fatal"`
+}
+
+type vppUplink struct {
+	SwIfIndex uint32 `json:"swIfIndex"`
+	Name      string `json:"name"`
+	Driver    string `json:"driver"`
+	Device    string `json:"device"`
+}
+
+// upgradeStatus is meshturbo-upgrade GET /v1/upgrade.
+type upgradeStatus struct {
+	Epoch             int            `json:"epoch"`
+	Version           string         `json:"version"`
+	Binary            string         `json:"binary"`
+	HotRestartVersion string         `json:"hot_restart_version"`
+	PID               int            `json:"pid"`
+	Started           time.Time      `json:"started"`
+	Phase             string         `json:"phase"`
+	BaseID            int            `json:"base_id"`
+	AdminClosed       bool           `json:"admin_closed"`
+	Upgrades          int            `json:"upgrades"`
+	Rollbacks         int            `json:"rollbacks"`
+	Rejected          int            `json:"rejected"`
+	Last              *upgradeResult `json:"last_upgrade"`
+}
+
+// upgradeResult is the answer of meshturbo-upgrade POST /v1/upgrade.
+type upgradeResult struct {
+	Outcome        string    `json:"outcome"`
+	Error          string    `json:"error"`
+	FromEpoch      int       `json:"from_epoch"`
+	ToEpoch        int       `json:"to_epoch"`
+	FromVersion    string    `json:"from_version"`
+	ToVersion      string    `json:"to_version"`
+	Started        time.Time `json:"started"`
+	PrecheckMS     int64     `json:"precheck_ms"`
+	HandoffMS      int64     `json:"handoff_ms"`
+	ProbeMS        int64     `json:"probe_ms"`
+	DrainMS        int64     `json:"drain_ms"`
+	TotalMS        int64     `json:"total_ms"`
+	OldConnections int       `json:"old_connections"`
+	OldStopped     string    `json:"old_stopped"`
+}
+
+// The upgrade manager's phases and outcomes (package hotupgrade).
+const (
+	phaseServing     = "serving"
+	phasePrechecking = "prechecking"
+	phaseHandingOff  = "handing_off"
+	phaseProbing     = "probing"
+	phaseDraining    = "draining"
+	phaseRollingBack = "rolling_back"
+	phaseStarting    = "starting"
+
+	outcomeUpgraded = "upgraded"
+)
