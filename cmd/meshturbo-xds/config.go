@@ -67,6 +67,9 @@ type LazyLoadConfig struct {
 	CADir         string                   `yaml:"caDir"`
 	TrustDomain   string                   `yaml:"trustDomain"`
 	StateFile     string                   `yaml:"stateFile"`
+	// Peers are the xDS addresses of the other meshturbo-xds replicas: learned edges are
+	// shared so every replica serves istiod the same Sidecars.
+	Peers []string `yaml:"peers"`
 	EdgeTTL       Duration                 `yaml:"edgeTTL"`
 	AlwaysInclude []string                 `yaml:"alwaysInclude"`
 	Fallback      FallbackConfig           `yaml:"fallback"`
@@ -284,6 +287,9 @@ func (c *Config) validate() error {
 		}
 		if len(l.Workloads) == 0 {
 			errs = append(errs, errors.New("lazyload.workloads: at least one workload is required"))
+		}
+		for i, p := range l.Peers {
+			field(fmt.Sprintf("lazyload.peers[%d]", i), checkHostPort(p))
 		}
 	}
 	for i, s := range c.Sources {

@@ -44,6 +44,7 @@ func (l *LazyLoadConfig) controllerConfig(store *xds.Store, id lazyload.Identity
 		AlwaysInclude: l.AlwaysInclude,
 		EdgeTTL:       l.EdgeTTL.Duration,
 		StateFile:     l.StateFile,
+		Peers:         l.Peers,
 		Logger:        log,
 	}
 	for _, w := range l.Workloads {

@@ -21,6 +21,7 @@ type alsServer struct {
 var _ alsv3.AccessLogServiceServer = (*alsServer)(nil)
 
 func (s *alsServer) StreamAccessLogs(stream alsv3.AccessLogService_StreamAccessLogsServer) error {
+	fromPeer := false
 	for {
 		msg, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
@@ -29,11 +30,14 @@ func (s *alsServer) StreamAccessLogs(stream alsv3.AccessLogService_StreamAccessL
 		if err != nil {
 			return err
 		}
+		if id := msg.GetIdentifier(); id != nil {
+			fromPeer = id.GetLogName() == peerLogName
+		}
 		for _, e := range msg.GetHttpLogs().GetLogEntry() {
-			s.c.observe(e.GetCommonProperties(), protocolOf(e))
+			s.c.observe(e.GetCommonProperties(), protocolOf(e), fromPeer)
 		}
 		for _, e := range msg.GetTcpLogs().GetLogEntry() {
-			s.c.observe(e.GetCommonProperties(), "TCP")
+			s.c.observe(e.GetCommonProperties(), "TCP", fromPeer)
 		}
 	}
 }

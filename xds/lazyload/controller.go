@@ -39,6 +39,9 @@ type Config struct {
 	EdgeTTL time.Duration
 	// StateFile keeps the learned edges across restarts; empty keeps them in memory only.
 	StateFile string
+	// Peers are the gRPC (xDS) addresses of the other meshturbo-xds replicas; learned edges are
+	// shared with them so every replica serves the same Sidecars.
+	Peers []string
 	// PersistInterval bounds how often the state file is written (default 1s).
 	PersistInterval time.Duration
 	Logger          *slog.Logger
@@ -133,6 +136,7 @@ type Controller struct {
 	published   map[string]time.Time // workload → last Sidecar change served
 	persistErr  error
 	identityGen int
+	peers       []*peer
 }
 
 // New validates cfg, restores the persisted edges and starts the controller. Register the
@@ -167,6 +171,9 @@ func New(cfg Config) (*Controller, error) {
 		}
 	}
 	c.graph.SetStatic(static)
+	for _, addr := range cfg.Peers {
+		c.peers = append(c.peers, newPeer(addr, c))
+	}
 	go c.run()
 	return c, nil
 }
@@ -205,8 +212,8 @@ func (c *Controller) poke() {
 	}
 }
 
-// observe handles one access-log entry of the fallback.
-func (c *Controller) observe(p *accesslogdata.AccessLogCommon, protocol string) {
+// observe handles one access-log entry of the fallback, or an edge a peer replica learned.
+func (c *Controller) observe(p *accesslogdata.AccessLogCommon, protocol string, fromPeer bool) {
 	host, port, ok := parseClusterName(p.GetUpstreamCluster())
 	if !ok {
 		return // an unknown host (404 at the fallback): nothing to learn
@@ -227,15 +234,26 @@ func (c *Controller) observe(p *accesslogdata.AccessLogCommon, protocol string) 
 		}
 		return
 	}
+	key := EdgeKey{Workload: w.ID(), Host: host, Port: port}
+	if fromPeer {
+		if c.graph.Learn(key, protocol) {
+			c.log.Info("lazy-load edge learned from a peer replica", "workload", w.ID(), "host", host, "port", port)
+			c.poke()
+		}
+		return
+	}
 	switch p.GetAccessLogType() {
 	case accesslogdata.AccessLogType_DownstreamStart, accesslogdata.AccessLogType_TcpUpstreamConnected, accesslogdata.AccessLogType_NotSet:
 		c.mu.Lock()
 		c.hits[w.ID()]++
 		c.mu.Unlock()
 	}
-	if c.graph.Observe(EdgeKey{Workload: w.ID(), Host: host, Port: port}, protocol) {
+	if c.graph.Observe(key, protocol) {
 		c.log.Info("lazy-load edge learned", "workload", w.ID(), "host", host, "port", port, "protocol", protocol)
 		c.poke()
+		for _, p := range c.peers {
+			p.send(key)
+		}
 	}
 }
 
@@ -355,6 +373,9 @@ func (c *Controller) persist(force bool) {
 
 // Close stops the controller and writes the edges one last time.
 func (c *Controller) Close() error {
+	for _, p := range c.peers {
+		p.close()
+	}
 	select {
 	case <-c.stop:
 	default:

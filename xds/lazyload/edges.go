@@ -114,6 +114,22 @@ func (g *Graph) Observe(key EdgeKey, protocol string) bool {
 	return true
 }
 
+// Learn records an edge another replica learned: new edges start as if observed now;
+// known ones are refreshed (a peer saw them in use) without counting a fallback call.
+func (g *Graph) Learn(key EdgeKey, protocol string) bool {
+	g.mu.Lock()
+	if e, ok := g.edges[key]; ok {
+		if now := g.now(); now.After(e.LastSeen) {
+			e.LastSeen = now
+		}
+		g.dirty = true
+		g.mu.Unlock()
+		return false
+	}
+	g.mu.Unlock()
+	return g.Observe(key, protocol)
+}
+
 // SetStatic replaces the static edges with keys. Learned edges with the same key become static.
 func (g *Graph) SetStatic(keys []EdgeKey) {
 	g.mu.Lock()

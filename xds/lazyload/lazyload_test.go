@@ -356,3 +356,100 @@ func awaitScope(t *testing.T, c *Controller, ok func(Scope) bool) {
 		return found && ok(s)
 	})
 }
+
+// replica is one controller with its own store and gRPC server, as one meshturbo-xds is.
+type replica struct {
+	store *xds.Store
+	ctrl  *Controller
+	addr  string
+	stop  func()
+}
+
+func startReplica(t *testing.T, lis net.Listener, peers ...string) *replica {
+	t.Helper()
+	r := &replica{store: xds.NewStore(), addr: lis.Addr().String()}
+	ctrl, err := New(Config{
+		Store: r.store, Fallback: Fallback{Address: "10.9.9.9"}, Peers: peers,
+		Identity:  Identity{CertChain: []byte("c"), Key: []byte("k"), Roots: []byte("r")},
+		Workloads: []Workload{{Namespace: "default", Name: "client", Selector: map[string]string{"app": "client"}}},
+		Logger:    testenv.Logger(t),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.ctrl = ctrl
+	ctrl.SetCatalog(catalog())
+	gs := grpc.NewServer()
+	ctrl.RegisterALS(gs)
+	served := make(chan struct{})
+	go func() { defer close(served); _ = gs.Serve(lis) }()
+	var once sync.Once
+	r.stop = func() {
+		once.Do(func() {
+			gs.Stop()
+			<-served
+			if err := ctrl.Close(); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	t.Cleanup(r.stop)
+	return r
+}
+
+func sendALS(t *testing.T, addr string, entries ...*accesslogdata.HTTPAccessLogEntry) {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stream, err := alsv3.NewAccessLogServiceClient(conn).StreamAccessLogs(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&alsv3.StreamAccessLogsMessage{LogEntries: &alsv3.StreamAccessLogsMessage_HttpLogs{
+		HttpLogs: &alsv3.StreamAccessLogsMessage_HTTPAccessLogEntries{LogEntry: entries}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.CloseAndRecv(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReplicasShareLearnedEdges: an edge learned by one replica reaches the other, both serve
+// the same Sidecar version, and a restarted replica catches up from its peer.
+func TestReplicasShareLearnedEdges(t *testing.T) {
+	la, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lb, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrB := lb.Addr().String()
+	a := startReplica(t, la, addrB)
+	b := startReplica(t, lb, la.Addr().String())
+
+	sendALS(t, a.addr, alsEntry("spiffe://cluster.local/ns/default/sa/client", "lazy|80|a.consul"))
+	awaitScope(t, b.ctrl, func(s Scope) bool { return slices.Contains(s.Hosts, "*/a.consul") })
+	awaitCondition(t, func() bool { return a.store.Version(xds.TypeSidecar) == b.store.Version(xds.TypeSidecar) })
+	if s, _ := b.ctrl.Scope("default/client"); s.FallbackHits != 0 {
+		t.Fatalf("an edge from a peer counted as a fallback call on the replica that did not see it: %+v", s)
+	}
+
+	// B restarts with nothing (no state file): A sends it everything on reconnection.
+	b.stop()
+	lb2, err := net.Listen("tcp", addrB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b2 := startReplica(t, lb2, la.Addr().String())
+	awaitScope(t, b2.ctrl, func(s Scope) bool { return slices.Contains(s.Hosts, "*/a.consul") })
+	awaitCondition(t, func() bool { return a.store.Version(xds.TypeSidecar) == b2.store.Version(xds.TypeSidecar) })
+
+	// And an edge B learns now reaches A.
+	sendALS(t, b2.addr, alsEntry("spiffe://cluster.local/ns/default/sa/client", "lazy|9000|t.consul"))
+	awaitScope(t, a.ctrl, func(s Scope) bool { return slices.Contains(s.Hosts, "*/t.consul") })
+}
