@@ -64,12 +64,12 @@ type Config struct {
 //	  workloads:
 //	  - {namespace: shop, name: frontend, selector: {app: frontend}, dependencies: [cart.service.consul]}
 type LazyLoadConfig struct {
-	CADir         string                   `yaml:"caDir"`
-	TrustDomain   string                   `yaml:"trustDomain"`
-	StateFile     string                   `yaml:"stateFile"`
+	CADir       string `yaml:"caDir"`
+	TrustDomain string `yaml:"trustDomain"`
+	StateFile   string `yaml:"stateFile"`
 	// Peers are the xDS addresses of the other meshturbo-xds replicas: learned edges are
 	// shared so every replica serves istiod the same Sidecars.
-	Peers []string `yaml:"peers"`
+	Peers         []string                 `yaml:"peers"`
 	EdgeTTL       Duration                 `yaml:"edgeTTL"`
 	AlwaysInclude []string                 `yaml:"alwaysInclude"`
 	Fallback      FallbackConfig           `yaml:"fallback"`
