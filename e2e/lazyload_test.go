@@ -336,29 +336,12 @@ func lazyEdges(t *testing.T, adminAddr string) map[string]bool {
 // (the client's sidecar) and 127.0.0.3 (the fallback), since both bind the service port.
 func lazyListener(t *testing.T) net.Listener {
 	t.Helper()
-	for range 20 {
-		lis, err := net.Listen("tcp", "127.0.0.2:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := lis.Addr().(*net.TCPAddr).Port
-		free := true
-		for _, ip := range []string{"127.0.0.1", "127.0.0.3"} {
-			l, err := net.Listen("tcp", net.JoinHostPort(ip, fmt.Sprint(port)))
-			if err != nil {
-				free = false
-				break
-			}
-			l.Close()
-		}
-		if free {
-			t.Cleanup(func() { lis.Close() })
-			return lis
-		}
-		lis.Close()
+	lis, err := testenv.ListenSharedPort("127.0.0.2", "127.0.0.1", "127.0.0.3")
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatal("no port free on 127.0.0.1, .2 and .3")
-	return nil
+	t.Cleanup(func() { lis.Close() })
+	return lis
 }
 
 func serveHTTP(t *testing.T, lis net.Listener, srv *http.Server) {

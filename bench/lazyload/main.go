@@ -315,25 +315,12 @@ func startServers(n int) ([]int, func(), error) {
 		}
 	}
 	for len(ports) < n {
-		lis, err := net.Listen("tcp", "127.0.0.2:0")
+		lis, err := testenv.ListenSharedPort("127.0.0.2", "127.0.0.1", "127.0.0.3")
 		if err != nil {
 			stop()
 			return nil, nil, err
 		}
 		p := lis.Addr().(*net.TCPAddr).Port
-		ok := true
-		for _, ip := range []string{"127.0.0.1", "127.0.0.3"} {
-			l, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(p)))
-			if err != nil {
-				ok = false
-				break
-			}
-			l.Close()
-		}
-		if !ok {
-			lis.Close()
-			continue
-		}
 		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, "hello from", r.Host) }),
 			ReadHeaderTimeout: 5 * time.Second}
 		servers = append(servers, srv)

@@ -401,3 +401,30 @@ func FreeLoopbackPorts(n int) ([]int, error) {
 
 // Addr is "127.0.0.1:port".
 func Addr(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
+
+// ListenSharedPort listens on a free port of ip whose number is also free on every address
+// of alsoFree: for a service behind sidecars in interception mode NONE, which bind the
+// service's port on their own loopback addresses.
+func ListenSharedPort(ip string, alsoFree ...string) (net.Listener, error) {
+	for range 50 {
+		lis, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
+		if err != nil {
+			return nil, fmt.Errorf("listen on %s: %w", ip, err)
+		}
+		port := fmt.Sprint(lis.Addr().(*net.TCPAddr).Port)
+		free := true
+		for _, other := range alsoFree {
+			l, err := net.Listen("tcp", net.JoinHostPort(other, port))
+			if err != nil {
+				free = false
+				break
+			}
+			l.Close()
+		}
+		if free {
+			return lis, nil
+		}
+		lis.Close()
+	}
+	return nil, fmt.Errorf("no port of %s is also free on %v", ip, alsoFree)
+}
