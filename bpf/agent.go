@@ -4,6 +4,15 @@
 // the peer socket, skipping the TCP/IP stack. Whatever it can't redirect takes the normal TCP
 // path.
 //
+// Not every send gains from a redirect: a stream of small writes is slower redirected than on
+// TCP, which coalesces them. The sk_msg program demotes a connection whose one end streams
+// small writes (or whose send missed its peer) to the TCP path, and a sweeper (a sockhash
+// iterator, unhook.c) then takes both of its sockets out of the sockhash, each once no
+// redirected byte waits unread in its queue: from then on they are plain TCP sockets, at plain
+// TCP's cost. A second, switchable mode replaces iptables redirection (redirect.go).
+//
+// One sockmap owner per socket: New refuses to run beside another one (owner.go).
+//
 // Everything is pinned under Config.PinPath, so an agent restart adopts the maps and links it
 // left and acceleration never stops: Close releases this process's handles only. Uninstall
 // detaches the programs and removes every pin, but never deletes a sockhash entry: deleting
@@ -20,6 +29,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -37,8 +47,10 @@ const (
 
 // Pin names of the links inside Config.PinPath; maps are pinned by their own names (mt_*).
 const (
-	pinLinkSockOps = "link_sockops"
-	pinLinkSkMsg   = "link_sk_msg"
+	pinLinkSockOps    = "link_sockops"
+	pinLinkSkMsg      = "link_sk_msg"
+	pinLinkConnect4   = "link_connect4"
+	pinLinkGetsockopt = "link_getsockopt"
 )
 
 // Config configures an Agent.
@@ -68,7 +80,22 @@ type Config struct {
 	// NaiveRedirect turns that rule off (every send of a mesh socket is redirected). For
 	// benchmarks.
 	NaiveRedirect bool
+	// KeepDemoted leaves demoted sockets in the sockhash (sending on the TCP path through
+	// the sk_msg hook) instead of unhooking them. For benchmarks.
+	KeepDemoted bool
+	// UnhookGrace is how long after its pair was demoted a socket stays in the sockhash at
+	// least (see unhook.c); DefaultUnhookGrace if 0.
+	UnhookGrace time.Duration
+	// Redirect is the iptables-free redirection mode (connect4 + getsockopt); off unless
+	// Redirect.Enabled.
+	Redirect RedirectConfig
+	// CoexistWithOtherOwners runs beside another sockmap owner on the cgroup instead of
+	// refusing to start (see owner.go for the rule).
+	CoexistWithOtherOwners bool
 }
+
+// DefaultUnhookGrace is Config.UnhookGrace's default.
+const DefaultUnhookGrace = 10 * time.Millisecond
 
 func (c *Config) validate() error {
 	if c.CgroupPath == "" {
@@ -88,6 +115,12 @@ func (c *Config) validate() error {
 	}
 	if c.SmallRun == 0 {
 		c.SmallRun = DefaultSmallRun
+	}
+	if c.UnhookGrace <= 0 {
+		c.UnhookGrace = DefaultUnhookGrace
+	}
+	if err := c.Redirect.validate(); err != nil {
+		return fmt.Errorf("bpf: config: %w", err)
 	}
 	c.PinPath = filepath.Clean(c.PinPath)
 	c.BPFFS = filepath.Clean(c.BPFFS)
@@ -130,16 +163,23 @@ func WithProbeFailure(f Feature) Option {
 
 // Agent owns the loaded, attached and pinned acceleration.
 type Agent struct {
-	mu       sync.Mutex
-	cfg      Config
-	sockops  sockopsObjects
-	redir    redirObjects
-	skMsg    link.Link
-	sockOps  link.Link
-	state    State
-	mesh     meshSet
-	closed   bool
-	cgroupID uint64
+	mu         sync.Mutex
+	cfg        Config
+	opts       *options
+	sockops    sockopsObjects
+	redir      redirObjects
+	unhook     unhookObjects
+	connect4   connect4Objects
+	getsockopt getsockoptObjects
+	skMsg      link.Link
+	sockOps    link.Link
+	connect    link.Link // cgroup/connect4, nil unless the redirect mode is on
+	getsockOpt link.Link // cgroup/getsockopt, likewise
+	state      State
+	mesh       meshSet
+	closed     bool
+	cgroupID   uint64
+	sweeper    *sweeper // nil when demoted sockets are not unhooked
 }
 
 // State describes what New found and did; it is served as the agent's status.
@@ -157,12 +197,33 @@ type State struct {
 	// ReplacedMaps are pinned maps whose layout no longer matched: they were unpinned (the
 	// sockets still in them keep working until they close) and created anew.
 	ReplacedMaps []ReplacedMap `json:"replaced_maps,omitempty"`
+	// OtherOwners are sockmap owners other than us on the cgroup, found at start; New
+	// refuses to run beside them unless Config.CoexistWithOtherOwners.
+	OtherOwners []OtherOwner `json:"other_owners,omitempty"`
 	// OtherSockOps are sockops programs other than ours that run on the cgroup now (attached
 	// to it or inherited from an ancestor). A second sockmap owner makes inserts fail with
 	// EBUSY, counted in Stats.InsertBusy.
 	OtherSockOps []ebpf.ProgramID `json:"other_sockops,omitempty"`
 	MeshIPs      []netip.Addr     `json:"mesh_ips"`
 	SidecarPorts []uint16         `json:"sidecar_ports"`
+	// Unhook says whether sockets of demoted pairs are taken out of the sockhash (and why
+	// not, when they are not).
+	Unhook UnhookState `json:"unhook"`
+	// Redirect is the state of the iptables-free redirection mode.
+	Redirect RedirectState `json:"redirect"`
+}
+
+// UnhookState is the state of unhooking demoted sockets (unhook.c).
+type UnhookState struct {
+	On bool `json:"on"`
+	// Off says why it is off; demoted sockets then stay in the sockhash and send on the
+	// TCP path through the sk_msg hook (correct, but slower than plain TCP).
+	Off string `json:"off,omitempty"`
+	// LastError is the last failed sweep's error.
+	LastError string `json:"last_error,omitempty"`
+	// Deferred is how many sockets of demoted pairs the last sweep left in place (grace
+	// period, or redirected bytes still unread).
+	Deferred int `json:"deferred"`
 }
 
 // Attachment is one attached program.
@@ -198,6 +259,14 @@ func New(cfg Config, opts ...Option) (_ *Agent, err error) {
 	if err := ensureBPFFS(cfg.BPFFS); err != nil {
 		return nil, err
 	}
+	// Before anything is created: a refusal leaves nothing behind.
+	owners, err := otherOwners(cfg.CgroupPath, cfg.PinPath)
+	if err != nil {
+		return nil, err
+	}
+	if len(owners) > 0 && !cfg.CoexistWithOtherOwners {
+		return nil, &OwnerConflictError{Cgroup: cfg.CgroupPath, Owners: owners}
+	}
 	if err := os.MkdirAll(cfg.PinPath, 0o700); err != nil {
 		return nil, fmt.Errorf("bpf: create pin path: %w", err)
 	}
@@ -205,9 +274,9 @@ func New(cfg Config, opts ...Option) (_ *Agent, err error) {
 	if err := unix.Stat(cfg.CgroupPath, &st); err != nil {
 		return nil, fmt.Errorf("bpf: stat cgroup: %w", err)
 	}
-	a := &Agent{cfg: cfg, cgroupID: st.Ino}
+	a := &Agent{cfg: cfg, cgroupID: st.Ino, opts: newOptions(opts)}
 	a.state = State{PinPath: cfg.PinPath, CgroupPath: cfg.CgroupPath, MaxConns: cfg.MaxConns, Features: feats,
-		SmallMsg: cfg.SmallMsg, SmallRun: cfg.SmallRun}
+		SmallMsg: cfg.SmallMsg, SmallRun: cfg.SmallRun, OtherOwners: owners}
 	if cfg.NaiveRedirect {
 		a.state.SmallMsg = 0
 	}
@@ -230,6 +299,10 @@ func New(cfg Config, opts ...Option) (_ *Agent, err error) {
 	if err := a.setMesh(cfg.MeshIPs, cfg.SidecarPorts); err != nil {
 		return nil, err
 	}
+	if err := a.setupRedirect(); err != nil {
+		return nil, err
+	}
+	a.startSweeper()
 	return a, nil
 }
 
@@ -258,9 +331,24 @@ func (a *Agent) load() error {
 	if err != nil {
 		return fmt.Errorf("bpf: %w", err)
 	}
-	for _, spec := range []*ebpf.CollectionSpec{sockopsSpec, redirSpec} {
+	unhookSpec, err := loadUnhook()
+	if err != nil {
+		return fmt.Errorf("bpf: %w", err)
+	}
+	connect4Spec, err := loadConnect4()
+	if err != nil {
+		return fmt.Errorf("bpf: %w", err)
+	}
+	getsockoptSpec, err := loadGetsockopt()
+	if err != nil {
+		return fmt.Errorf("bpf: %w", err)
+	}
+	for _, spec := range []*ebpf.CollectionSpec{sockopsSpec, redirSpec, unhookSpec, connect4Spec, getsockoptSpec} {
 		spec.Maps[sockopsMapMtSockhash].MaxEntries = a.cfg.MaxConns
 		spec.Maps[sockopsMapMtPairs].MaxEntries = max(a.cfg.MaxConns/2, 1)
+	}
+	if err := unhookSpec.Variables[unhookVarMtUnhookGraceNs].Set(uint64(a.cfg.UnhookGrace.Nanoseconds())); err != nil {
+		return fmt.Errorf("bpf: set %s: %w", unhookVarMtUnhookGraceNs, err)
 	}
 	smallMsg := a.cfg.SmallMsg
 	if a.cfg.NaiveRedirect {
@@ -284,21 +372,53 @@ func (a *Agent) load() error {
 	if err := a.sockops.MtMeta.Put(uint32(0), layout); err != nil {
 		return fmt.Errorf("bpf: record map layout: %w", err)
 	}
-	m := a.sockops.sockopsMaps
-	if err := redirSpec.LoadAndAssign(&a.redir, &ebpf.CollectionOptions{
-		MapReplacements: map[string]*ebpf.Map{
-			sockopsMapMtSockhash:  m.MtSockhash,
-			sockopsMapMtMeshIps:   m.MtMeshIps,
-			sockopsMapMtMeshPorts: m.MtMeshPorts,
-			sockopsMapMtStats:     m.MtStats,
-			sockopsMapMtSkStorage: m.MtSkStorage,
-			sockopsMapMtMeta:      m.MtMeta,
-			sockopsMapMtPairs:     m.MtPairs,
-		},
-	}); err != nil {
+	shared := &ebpf.CollectionOptions{MapReplacements: a.sockops.sockopsMaps.byName()}
+	if err := redirSpec.LoadAndAssign(&a.redir, shared); err != nil {
 		return fmt.Errorf("bpf: load sk_msg: %w", err)
 	}
+	// Optional parts: without them acceleration works; the state says what is off.
+	switch {
+	case a.cfg.NaiveRedirect:
+		a.state.Unhook.Off = "naive redirect: no pair is ever demoted"
+	case a.cfg.KeepDemoted:
+		a.state.Unhook.Off = "off by configuration (KeepDemoted)"
+	default:
+		if err := unhookSpec.LoadAndAssign(&a.unhook, shared); err != nil {
+			a.state.Unhook.Off = fmt.Sprintf("load the sockhash iterator: %v", err)
+		}
+	}
+	if a.cfg.Redirect.Enabled {
+		if err := a.probeRedirect(); err != nil {
+			a.state.Redirect.Off = err.Error()
+			return nil
+		}
+		if err := connect4Spec.LoadAndAssign(&a.connect4, shared); err != nil {
+			return fmt.Errorf("bpf: load cgroup/connect4: %w", err)
+		}
+		if err := getsockoptSpec.LoadAndAssign(&a.getsockopt, shared); err != nil {
+			return fmt.Errorf("bpf: load cgroup/getsockopt: %w", err)
+		}
+	}
 	return nil
+}
+
+// byName maps each shared map's name to the loaded map, for MapReplacements.
+func (m *sockopsMaps) byName() map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{
+		sockopsMapMtSockhash:       m.MtSockhash,
+		sockopsMapMtMeshIps:        m.MtMeshIps,
+		sockopsMapMtMeshPorts:      m.MtMeshPorts,
+		sockopsMapMtStats:          m.MtStats,
+		sockopsMapMtSkStorage:      m.MtSkStorage,
+		sockopsMapMtMeta:           m.MtMeta,
+		sockopsMapMtPairs:          m.MtPairs,
+		sockopsMapMtRedirect:       m.MtRedirect,
+		sockopsMapMtSidecarCgroups: m.MtSidecarCgroups,
+		sockopsMapMtExcludedPorts:  m.MtExcludedPorts,
+		sockopsMapMtExcludedCidrs:  m.MtExcludedCidrs,
+		sockopsMapMtOrigByCookie:   m.MtOrigByCookie,
+		sockopsMapMtOrigByAddr:     m.MtOrigByAddr,
+	}
 }
 
 // retireIncompatible unpins every pinned map that the new spec can't use: a different
@@ -405,45 +525,49 @@ func (a *Agent) attachSkMsg() error {
 // attachSockOps attaches the sockops program to the cgroup, or adopts the pinned link of an
 // earlier agent on the same cgroup and swaps its program.
 func (a *Agent) attachSockOps() error {
-	path := filepath.Join(a.cfg.PinPath, pinLinkSockOps)
-	prog := a.sockops.MtSockops
-	adopted := false
+	l, adopted, err := a.attachCgroup(pinLinkSockOps, ebpf.AttachCGroupSockOps, a.sockops.MtSockops)
+	if err != nil {
+		return fmt.Errorf("bpf: sockops: %w", err)
+	}
+	a.sockOps = l
+	a.recordAttachment("mt_sockops", "cgroup sockops on "+a.cfg.CgroupPath, a.sockops.MtSockops, l,
+		filepath.Join(a.cfg.PinPath, pinLinkSockOps), adopted)
+	return nil
+}
+
+// attachCgroup attaches prog to the cgroup as a pinned link named pin, or adopts the pinned
+// link an earlier agent left on the same cgroup and swaps its program.
+func (a *Agent) attachCgroup(pin string, attach ebpf.AttachType, prog *ebpf.Program) (link.Link, bool, error) {
+	path := filepath.Join(a.cfg.PinPath, pin)
 	if old, err := link.LoadPinnedLink(path, nil); err == nil {
 		info, ierr := old.Info()
 		if ierr == nil && info.Type == link.CgroupType && info.Cgroup() != nil && info.Cgroup().CgroupId == a.cgroupID {
 			if err := old.Update(prog); err != nil {
 				old.Close()
-				return fmt.Errorf("bpf: update pinned sockops link: %w", err)
+				return nil, false, fmt.Errorf("update pinned link %s: %w", path, err)
 			}
-			a.sockOps, adopted = old, true
-		} else {
-			if err := retireLink(old); err != nil {
-				return fmt.Errorf("bpf: detach sockops link of another cgroup: %w", err)
-			}
+			return old, true, nil
+		}
+		if err := retireLink(old); err != nil {
+			return nil, false, fmt.Errorf("detach link %s of another cgroup: %w", path, err)
 		}
 	} else if !errors.Is(err, os.ErrNotExist) {
 		if err := os.Remove(path); err != nil {
-			return fmt.Errorf("bpf: remove unusable pin %s: %w", path, err)
+			return nil, false, fmt.Errorf("remove unusable pin %s: %w", path, err)
 		}
 	}
-	if a.sockOps == nil {
-		l, err := link.AttachCgroup(link.CgroupOptions{
-			Path: a.cfg.CgroupPath, Attach: ebpf.AttachCGroupSockOps, Program: prog,
-		})
-		if err != nil {
-			return fmt.Errorf("bpf: attach sockops to %s: %w", a.cfg.CgroupPath, err)
-		}
-		if err := l.Pin(path); err != nil {
-			l.Close()
-			if errors.Is(err, ebpf.ErrNotSupported) {
-				return &MissingFeatureError{Feature: "cgroup bpf_link (pinnable sockops attachment)", Err: err}
-			}
-			return fmt.Errorf("bpf: pin sockops link: %w", err)
-		}
-		a.sockOps = l
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: a.cfg.CgroupPath, Attach: attach, Program: prog})
+	if err != nil {
+		return nil, false, fmt.Errorf("attach to %s: %w", a.cfg.CgroupPath, err)
 	}
-	a.recordAttachment("mt_sockops", "cgroup sockops on "+a.cfg.CgroupPath, prog, a.sockOps, path, adopted)
-	return nil
+	if err := l.Pin(path); err != nil {
+		l.Close()
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			return nil, false, &MissingFeatureError{Feature: "cgroup bpf_link (pinnable cgroup attachment)", Err: err}
+		}
+		return nil, false, fmt.Errorf("pin link %s: %w", path, err)
+	}
+	return l, false, nil
 }
 
 // linkTypeSockMap is BPF_LINK_TYPE_SOCKMAP, which cilium/ebpf does not name.
@@ -511,6 +635,10 @@ func (a *Agent) State() State {
 	if !a.closed {
 		s.OtherSockOps = a.otherSockOps()
 	}
+	if a.sweeper != nil {
+		s.Unhook = a.sweeper.status(s.Unhook)
+	}
+	s.Redirect.SidecarCgroups = slices.Clone(s.Redirect.SidecarCgroups)
 	return s
 }
 
@@ -528,12 +656,13 @@ func (a *Agent) Close() error {
 
 func (a *Agent) closeHandles() error {
 	var errs []error
-	for _, l := range []link.Link{a.sockOps, a.skMsg} {
+	a.stopSweeper()
+	for _, l := range []link.Link{a.connect, a.getsockOpt, a.sockOps, a.skMsg} {
 		if l != nil {
 			errs = append(errs, l.Close())
 		}
 	}
-	errs = append(errs, a.redir.Close(), a.sockops.Close())
+	errs = append(errs, a.connect4.Close(), a.getsockopt.Close(), a.unhook.Close(), a.redir.Close(), a.sockops.Close())
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("bpf: close: %w", err)
 	}
@@ -554,14 +683,15 @@ func (a *Agent) Uninstall() error {
 	return errors.Join(errs...)
 }
 
-// Uninstall removes meshturbo's pins under pinPath: it first detaches the sockops link (no
-// socket is inserted any more), then the sk_msg link, then unpins the maps (mt_*) and removes
+// Uninstall removes meshturbo's pins under pinPath: it first detaches the connect4 link (no
+// connect is redirected any more), the getsockopt and sockops links (no socket is inserted
+// any more), then the sk_msg link, then unpins the maps (mt_*) and removes
 // the directory. It never deletes a sockhash entry: pairs already accelerated keep
 // redirecting until they close, then the kernel frees the sockhash and the programs. Works
 // without loading anything, e.g. after an upgrade changed the objects.
 func Uninstall(pinPath string) error {
 	var errs []error
-	for _, name := range []string{pinLinkSockOps, pinLinkSkMsg} {
+	for _, name := range []string{pinLinkConnect4, pinLinkGetsockopt, pinLinkSockOps, pinLinkSkMsg} {
 		path := filepath.Join(pinPath, name)
 		l, err := link.LoadPinnedLink(path, nil)
 		switch {

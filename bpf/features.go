@@ -138,3 +138,39 @@ func probeSockMapLink() error {
 	}
 	return l.Close()
 }
+
+// Features of the redirect mode, probed only when it is configured. Missing ones turn the
+// mode off (State.Redirect.Off says which); acceleration goes on.
+const (
+	FeatureConnect4   Feature = "cgroup/connect4 program type (cgroup_sock_addr)"
+	FeatureGetsockopt Feature = "cgroup/getsockopt program type (cgroup_sockopt)"
+)
+
+// RedirectFeatures lists the features of the redirect mode.
+var RedirectFeatures = []Feature{FeatureConnect4, FeatureGetsockopt}
+
+// probeRedirect probes RedirectFeatures, appends their statuses to the state and returns a
+// *MissingFeatureError for the first missing one.
+func (a *Agent) probeRedirect() error {
+	var first error
+	for _, f := range RedirectFeatures {
+		err := a.opts.forced[f]
+		if err == nil {
+			switch f {
+			case FeatureConnect4:
+				err = features.HaveProgramType(ebpf.CGroupSockAddr)
+			case FeatureGetsockopt:
+				err = features.HaveProgramType(ebpf.CGroupSockopt)
+			}
+		}
+		st := FeatureStatus{Feature: f, Supported: err == nil}
+		if err != nil {
+			st.Error = err.Error()
+			if first == nil {
+				first = &MissingFeatureError{Feature: f, Err: err}
+			}
+		}
+		a.state.Features = append(a.state.Features, st)
+	}
+	return first
+}

@@ -9,8 +9,11 @@
  * small writes: each send then travels and wakes the reader alone, where TCP would have
  * coalesced them. So a socket that sends mt_small_run small (< mt_small_msg bytes) messages
  * in a row, with no send of its peer in between (which a request/response exchange has),
- * is moved to the TCP path for good (MT_SK_TCP_ONLY). The run is kept per connection in
- * mt_pairs, since an sk_msg program can't reach its peer socket's storage. */
+ * moves its connection to the TCP path for good (MT_SK_TCP_ONLY, MT_PAIR_DEMOTED). The run
+ * is kept per connection in mt_pairs, since an sk_msg program can't reach its peer socket's
+ * storage. Sending on the TCP path from a socket still in the sockhash costs about as much
+ * as the redirect (the send goes through tcp_bpf_sendmsg's copy and the coalescing TCP
+ * does is mostly lost), so unhook.c later takes demoted sockets out of the sockhash. */
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -60,7 +63,9 @@ SEC("sk_msg")
 int mt_redir(struct sk_msg_md *msg)
 {
 	struct mt_sock_key peer = {};
+	struct mt_pair_state *ps = 0;
 	struct mt_sk_state *st;
+	__u32 side = 0; /* 1: this end is the pair's lower end (mt_key_less), 2: the other */
 	struct mt_counters *c;
 	__u64 size = msg->size;
 
@@ -83,15 +88,13 @@ int mt_redir(struct sk_msg_md *msg)
 	}
 
 	if (mt_small_msg) {
-		struct mt_sock_key own = {
-			.local_ip = peer.remote_ip,
-			.remote_ip = peer.local_ip,
-			.local_port = peer.remote_port,
-			.remote_port = peer.local_port,
-		};
-		__u32 side = mt_key_less(&own, &peer) ? 1 : 2;
+		struct mt_sock_key own;
+
+		mt_key_swap(&own, &peer);
+		side = mt_key_less(&own, &peer) ? 1 : 2;
 		struct mt_sock_key *ck = side == 1 ? &own : &peer;
-		struct mt_pair_state *ps = bpf_map_lookup_elem(&mt_pairs, ck);
+
+		ps = bpf_map_lookup_elem(&mt_pairs, ck);
 
 		if (!ps) {
 			struct mt_pair_state fresh = {.last_sender = side};
@@ -100,6 +103,10 @@ int mt_redir(struct sk_msg_md *msg)
 			ps = bpf_map_lookup_elem(&mt_pairs, ck);
 		}
 		if (ps) {
+			if (ps->flags & MT_PAIR_DEMOTED) { /* the other end streamed small writes */
+				st->flags |= MT_SK_TCP_ONLY;
+				return mt_keep_on_tcp(c, size);
+			}
 			if (ps->last_sender != side) { /* the peer spoke since: a new run */
 				ps->last_sender = side;
 				ps->small_run = 0;
@@ -107,7 +114,11 @@ int mt_redir(struct sk_msg_md *msg)
 			if (size >= mt_small_msg) {
 				ps->small_run = 0;
 			} else if (++ps->small_run >= mt_small_run) {
+				/* The whole pair leaves the redirect path; unhook.c then takes both
+				 * ends out of the sockhash once nothing redirected waits unread. */
 				st->flags |= MT_SK_TCP_ONLY;
+				ps->demoted_ns = bpf_ktime_get_ns();
+				ps->flags |= MT_PAIR_DEMOTED;
 				mt_count(c, sock_demoted, 1);
 				return mt_keep_on_tcp(c, size);
 			}
@@ -120,8 +131,17 @@ int mt_redir(struct sk_msg_md *msg)
 		return SK_PASS;
 	}
 
-	/* Missed: this send takes the TCP path, and so must every later one of this socket. */
+	/* Missed: this send takes the TCP path, and so must every later one of this socket. The
+	 * peer is not ours (e.g. its address was rewritten by iptables NAT, or it is outside the
+	 * cgroup): the pair is demoted, so that unhook.c takes this socket out of the sockhash
+	 * and it runs as plain TCP. */
 	st->flags |= MT_SK_TCP_ONLY;
+	if (ps && !(ps->flags & MT_PAIR_DEMOTED)) {
+		/* The peer was not in the sockhash, so it has redirected nothing to us. */
+		mt_set_quiet(ps, 3 - side);
+		ps->demoted_ns = bpf_ktime_get_ns();
+		ps->flags |= MT_PAIR_DEMOTED;
+	}
 	mt_count(c, msg_fallthrough, 1);
 	mt_count(c, bytes_fallthrough, size);
 	return SK_PASS;

@@ -16,16 +16,22 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	redirMapMtMeshIps   = "mt_mesh_ips"
-	redirMapMtMeshPorts = "mt_mesh_ports"
-	redirMapMtMeta      = "mt_meta"
-	redirMapMtPairs     = "mt_pairs"
-	redirMapMtSkStorage = "mt_sk_storage"
-	redirMapMtSockhash  = "mt_sockhash"
-	redirMapMtStats     = "mt_stats"
-	redirProgMtRedir    = "mt_redir"
-	redirVarMtSmallMsg  = "mt_small_msg"
-	redirVarMtSmallRun  = "mt_small_run"
+	redirMapMtExcludedCidrs  = "mt_excluded_cidrs"
+	redirMapMtExcludedPorts  = "mt_excluded_ports"
+	redirMapMtMeshIps        = "mt_mesh_ips"
+	redirMapMtMeshPorts      = "mt_mesh_ports"
+	redirMapMtMeta           = "mt_meta"
+	redirMapMtOrigByAddr     = "mt_orig_by_addr"
+	redirMapMtOrigByCookie   = "mt_orig_by_cookie"
+	redirMapMtPairs          = "mt_pairs"
+	redirMapMtRedirect       = "mt_redirect"
+	redirMapMtSidecarCgroups = "mt_sidecar_cgroups"
+	redirMapMtSkStorage      = "mt_sk_storage"
+	redirMapMtSockhash       = "mt_sockhash"
+	redirMapMtStats          = "mt_stats"
+	redirProgMtRedir         = "mt_redir"
+	redirVarMtSmallMsg       = "mt_small_msg"
+	redirVarMtSmallRun       = "mt_small_run"
 )
 
 // loadRedir returns the embedded CollectionSpec for redir.
@@ -77,13 +83,19 @@ type redirProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type redirMapSpecs struct {
-	MtMeshIps   *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
-	MtMeshPorts *ebpf.MapSpec `ebpf:"mt_mesh_ports"`
-	MtMeta      *ebpf.MapSpec `ebpf:"mt_meta"`
-	MtPairs     *ebpf.MapSpec `ebpf:"mt_pairs"`
-	MtSkStorage *ebpf.MapSpec `ebpf:"mt_sk_storage"`
-	MtSockhash  *ebpf.MapSpec `ebpf:"mt_sockhash"`
-	MtStats     *ebpf.MapSpec `ebpf:"mt_stats"`
+	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
+	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
+	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
+	MtMeshPorts      *ebpf.MapSpec `ebpf:"mt_mesh_ports"`
+	MtMeta           *ebpf.MapSpec `ebpf:"mt_meta"`
+	MtOrigByAddr     *ebpf.MapSpec `ebpf:"mt_orig_by_addr"`
+	MtOrigByCookie   *ebpf.MapSpec `ebpf:"mt_orig_by_cookie"`
+	MtPairs          *ebpf.MapSpec `ebpf:"mt_pairs"`
+	MtRedirect       *ebpf.MapSpec `ebpf:"mt_redirect"`
+	MtSidecarCgroups *ebpf.MapSpec `ebpf:"mt_sidecar_cgroups"`
+	MtSkStorage      *ebpf.MapSpec `ebpf:"mt_sk_storage"`
+	MtSockhash       *ebpf.MapSpec `ebpf:"mt_sockhash"`
+	MtStats          *ebpf.MapSpec `ebpf:"mt_stats"`
 }
 
 // redirVariableSpecs contains global variables before they are loaded into the kernel.
@@ -114,21 +126,33 @@ func (o *redirObjects) Close() error {
 //
 // It can be passed to loadRedirObjects or ebpf.CollectionSpec.LoadAndAssign.
 type redirMaps struct {
-	MtMeshIps   *ebpf.Map `ebpf:"mt_mesh_ips"`
-	MtMeshPorts *ebpf.Map `ebpf:"mt_mesh_ports"`
-	MtMeta      *ebpf.Map `ebpf:"mt_meta"`
-	MtPairs     *ebpf.Map `ebpf:"mt_pairs"`
-	MtSkStorage *ebpf.Map `ebpf:"mt_sk_storage"`
-	MtSockhash  *ebpf.Map `ebpf:"mt_sockhash"`
-	MtStats     *ebpf.Map `ebpf:"mt_stats"`
+	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
+	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
+	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
+	MtMeshPorts      *ebpf.Map `ebpf:"mt_mesh_ports"`
+	MtMeta           *ebpf.Map `ebpf:"mt_meta"`
+	MtOrigByAddr     *ebpf.Map `ebpf:"mt_orig_by_addr"`
+	MtOrigByCookie   *ebpf.Map `ebpf:"mt_orig_by_cookie"`
+	MtPairs          *ebpf.Map `ebpf:"mt_pairs"`
+	MtRedirect       *ebpf.Map `ebpf:"mt_redirect"`
+	MtSidecarCgroups *ebpf.Map `ebpf:"mt_sidecar_cgroups"`
+	MtSkStorage      *ebpf.Map `ebpf:"mt_sk_storage"`
+	MtSockhash       *ebpf.Map `ebpf:"mt_sockhash"`
+	MtStats          *ebpf.Map `ebpf:"mt_stats"`
 }
 
 func (m *redirMaps) Close() error {
 	return _RedirClose(
+		m.MtExcludedCidrs,
+		m.MtExcludedPorts,
 		m.MtMeshIps,
 		m.MtMeshPorts,
 		m.MtMeta,
+		m.MtOrigByAddr,
+		m.MtOrigByCookie,
 		m.MtPairs,
+		m.MtRedirect,
+		m.MtSidecarCgroups,
 		m.MtSkStorage,
 		m.MtSockhash,
 		m.MtStats,

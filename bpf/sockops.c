@@ -51,6 +51,33 @@ static __always_inline int mt_is_mesh_pair(const struct mt_sock_key *key)
 	return 0;
 }
 
+/* A connection connect4.c redirected is now established: move its original destination from
+ * the socket cookie to the connection's addresses, where getsockopt.c finds it from the
+ * sidecar's side. A connection that was not redirected clears a stale entry of an earlier
+ * connection with the same addresses, so that it is never answered for. */
+static __always_inline void mt_orig_dst_handoff(struct bpf_sock_ops *skops, struct mt_counters *c)
+{
+	struct mt_orig_key key = {};
+	struct mt_orig_dst *orig;
+	__u64 cookie;
+
+	if (skops->family != AF_INET || !mt_redirect_cfg_get())
+		return;
+	key.app_ip4 = skops->local_ip4;
+	key.app_port = (__u16)skops->local_port;
+	key.sidecar_ip4 = skops->remote_ip4;
+	key.sidecar_port = mt_port_from_ctx(skops->remote_port);
+	cookie = bpf_get_socket_cookie(skops);
+	orig = bpf_map_lookup_elem(&mt_orig_by_cookie, &cookie);
+	if (!orig) {
+		bpf_map_delete_elem(&mt_orig_by_addr, &key);
+		return;
+	}
+	if (bpf_map_update_elem(&mt_orig_by_addr, &key, orig, BPF_ANY) == 0)
+		mt_count(c, orig_dst_recorded, 1);
+	bpf_map_delete_elem(&mt_orig_by_cookie, &cookie);
+}
+
 SEC("sockops")
 int mt_sockops(struct bpf_sock_ops *skops)
 {
@@ -68,6 +95,8 @@ int mt_sockops(struct bpf_sock_ops *skops)
 	c = mt_counters_get();
 	if (!c)
 		return 1;
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		mt_orig_dst_handoff(skops, c);
 	if (mt_key_from_sockops(skops, &key) < 0 || !mt_is_mesh_pair(&key)) {
 		mt_count(c, sock_skipped, 1);
 		return 1;

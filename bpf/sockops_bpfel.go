@@ -13,21 +13,34 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockopsMtCidrKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Ip4       uint32
+}
+
 type sockopsMtCounters struct {
-	_                structs.HostLayout
-	SockInserted     uint64
-	SockInsertFailed uint64
-	SockInsertBusy   uint64
-	SockInsertFull   uint64
-	SockSkipped      uint64
-	MsgRedirected    uint64
-	BytesRedirected  uint64
-	MsgFallthrough   uint64
-	BytesFallthrough uint64
-	MsgTcpOnly       uint64
-	BytesTcpOnly     uint64
-	SkStateFailed    uint64
-	SockDemoted      uint64
+	_                 structs.HostLayout
+	SockInserted      uint64
+	SockInsertFailed  uint64
+	SockInsertBusy    uint64
+	SockInsertFull    uint64
+	SockSkipped       uint64
+	MsgRedirected     uint64
+	BytesRedirected   uint64
+	MsgFallthrough    uint64
+	BytesFallthrough  uint64
+	MsgTcpOnly        uint64
+	BytesTcpOnly      uint64
+	SkStateFailed     uint64
+	SockDemoted       uint64
+	SockUnhooked      uint64
+	UnhookDeferred    uint64
+	ConnectRedirected uint64
+	ConnectSidecar    uint64
+	ConnectExcluded   uint64
+	OrigDstRecorded   uint64
+	OrigDstAnswered   uint64
 }
 
 type sockopsMtIp struct {
@@ -35,10 +48,38 @@ type sockopsMtIp struct {
 	Addr [4]uint32
 }
 
+type sockopsMtOrigDst struct {
+	_    structs.HostLayout
+	Ip4  uint32
+	Port uint16
+	Pad  uint16
+}
+
+type sockopsMtOrigKey struct {
+	_           structs.HostLayout
+	AppIp4      uint32
+	SidecarIp4  uint32
+	AppPort     uint16
+	SidecarPort uint16
+}
+
 type sockopsMtPairState struct {
 	_          structs.HostLayout
 	LastSender uint32
 	SmallRun   uint32
+	Flags      uint32
+	Quiet      [2]uint8
+	Pad        uint16
+	DemotedNs  uint64
+}
+
+type sockopsMtRedirectCfg struct {
+	_            structs.HostLayout
+	Enabled      uint32
+	SidecarIp4   uint32
+	OutboundPort uint16
+	Pad          uint16
+	Pad2         uint32
 }
 
 type sockopsMtSkState struct {
@@ -58,14 +99,20 @@ type sockopsMtSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockopsMapMtMeshIps   = "mt_mesh_ips"
-	sockopsMapMtMeshPorts = "mt_mesh_ports"
-	sockopsMapMtMeta      = "mt_meta"
-	sockopsMapMtPairs     = "mt_pairs"
-	sockopsMapMtSkStorage = "mt_sk_storage"
-	sockopsMapMtSockhash  = "mt_sockhash"
-	sockopsMapMtStats     = "mt_stats"
-	sockopsProgMtSockops  = "mt_sockops"
+	sockopsMapMtExcludedCidrs  = "mt_excluded_cidrs"
+	sockopsMapMtExcludedPorts  = "mt_excluded_ports"
+	sockopsMapMtMeshIps        = "mt_mesh_ips"
+	sockopsMapMtMeshPorts      = "mt_mesh_ports"
+	sockopsMapMtMeta           = "mt_meta"
+	sockopsMapMtOrigByAddr     = "mt_orig_by_addr"
+	sockopsMapMtOrigByCookie   = "mt_orig_by_cookie"
+	sockopsMapMtPairs          = "mt_pairs"
+	sockopsMapMtRedirect       = "mt_redirect"
+	sockopsMapMtSidecarCgroups = "mt_sidecar_cgroups"
+	sockopsMapMtSkStorage      = "mt_sk_storage"
+	sockopsMapMtSockhash       = "mt_sockhash"
+	sockopsMapMtStats          = "mt_stats"
+	sockopsProgMtSockops       = "mt_sockops"
 )
 
 // loadSockops returns the embedded CollectionSpec for sockops.
@@ -117,13 +164,19 @@ type sockopsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
-	MtMeshIps   *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
-	MtMeshPorts *ebpf.MapSpec `ebpf:"mt_mesh_ports"`
-	MtMeta      *ebpf.MapSpec `ebpf:"mt_meta"`
-	MtPairs     *ebpf.MapSpec `ebpf:"mt_pairs"`
-	MtSkStorage *ebpf.MapSpec `ebpf:"mt_sk_storage"`
-	MtSockhash  *ebpf.MapSpec `ebpf:"mt_sockhash"`
-	MtStats     *ebpf.MapSpec `ebpf:"mt_stats"`
+	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
+	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
+	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
+	MtMeshPorts      *ebpf.MapSpec `ebpf:"mt_mesh_ports"`
+	MtMeta           *ebpf.MapSpec `ebpf:"mt_meta"`
+	MtOrigByAddr     *ebpf.MapSpec `ebpf:"mt_orig_by_addr"`
+	MtOrigByCookie   *ebpf.MapSpec `ebpf:"mt_orig_by_cookie"`
+	MtPairs          *ebpf.MapSpec `ebpf:"mt_pairs"`
+	MtRedirect       *ebpf.MapSpec `ebpf:"mt_redirect"`
+	MtSidecarCgroups *ebpf.MapSpec `ebpf:"mt_sidecar_cgroups"`
+	MtSkStorage      *ebpf.MapSpec `ebpf:"mt_sk_storage"`
+	MtSockhash       *ebpf.MapSpec `ebpf:"mt_sockhash"`
+	MtStats          *ebpf.MapSpec `ebpf:"mt_stats"`
 }
 
 // sockopsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -152,21 +205,33 @@ func (o *sockopsObjects) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
-	MtMeshIps   *ebpf.Map `ebpf:"mt_mesh_ips"`
-	MtMeshPorts *ebpf.Map `ebpf:"mt_mesh_ports"`
-	MtMeta      *ebpf.Map `ebpf:"mt_meta"`
-	MtPairs     *ebpf.Map `ebpf:"mt_pairs"`
-	MtSkStorage *ebpf.Map `ebpf:"mt_sk_storage"`
-	MtSockhash  *ebpf.Map `ebpf:"mt_sockhash"`
-	MtStats     *ebpf.Map `ebpf:"mt_stats"`
+	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
+	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
+	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
+	MtMeshPorts      *ebpf.Map `ebpf:"mt_mesh_ports"`
+	MtMeta           *ebpf.Map `ebpf:"mt_meta"`
+	MtOrigByAddr     *ebpf.Map `ebpf:"mt_orig_by_addr"`
+	MtOrigByCookie   *ebpf.Map `ebpf:"mt_orig_by_cookie"`
+	MtPairs          *ebpf.Map `ebpf:"mt_pairs"`
+	MtRedirect       *ebpf.Map `ebpf:"mt_redirect"`
+	MtSidecarCgroups *ebpf.Map `ebpf:"mt_sidecar_cgroups"`
+	MtSkStorage      *ebpf.Map `ebpf:"mt_sk_storage"`
+	MtSockhash       *ebpf.Map `ebpf:"mt_sockhash"`
+	MtStats          *ebpf.Map `ebpf:"mt_stats"`
 }
 
 func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
+		m.MtExcludedCidrs,
+		m.MtExcludedPorts,
 		m.MtMeshIps,
 		m.MtMeshPorts,
 		m.MtMeta,
+		m.MtOrigByAddr,
+		m.MtOrigByCookie,
 		m.MtPairs,
+		m.MtRedirect,
+		m.MtSidecarCgroups,
 		m.MtSkStorage,
 		m.MtSockhash,
 		m.MtStats,

@@ -34,6 +34,21 @@ type Stats struct {
 	// SocketsDemoted counts sockets moved to the TCP path for streaming small writes
 	// (Config.SmallMsg); their later sends count in MsgTCPOnly.
 	SocketsDemoted uint64 `json:"sockets_demoted"`
+	// SocketsUnhooked counts sockets of demoted pairs taken out of the sockhash: they send
+	// and receive as plain TCP again. UnhookDeferred counts sweeps that had to leave such a
+	// socket in place for now (grace period, or redirected bytes still unread).
+	SocketsUnhooked uint64 `json:"sockets_unhooked"`
+	UnhookDeferred  uint64 `json:"unhook_deferred"`
+	// ConnectRedirected counts connects the redirect mode sent to the sidecar;
+	// ConnectSidecar and ConnectExcluded those it left alone because the sidecar made them
+	// or their destination is excluded.
+	ConnectRedirected uint64 `json:"connect_redirected"`
+	ConnectSidecar    uint64 `json:"connect_sidecar"`
+	ConnectExcluded   uint64 `json:"connect_excluded"`
+	// OrigDstRecorded counts redirected connections whose original destination was filed
+	// under their addresses; OrigDstAnswered the SO_ORIGINAL_DST calls answered with one.
+	OrigDstRecorded uint64 `json:"orig_dst_recorded"`
+	OrigDstAnswered uint64 `json:"orig_dst_answered"`
 	// StateFailed counts mesh sockets left out because their per-socket state could not
 	// be made (also counted in InsertFailed), and sends of sockets without it.
 	StateFailed uint64 `json:"state_failed"`
@@ -69,6 +84,13 @@ func readStats(m *ebpf.Map) (Stats, error) {
 		s.BytesTCPOnly += c.BytesTcpOnly
 		s.StateFailed += c.SkStateFailed
 		s.SocketsDemoted += c.SockDemoted
+		s.SocketsUnhooked += c.SockUnhooked
+		s.UnhookDeferred += c.UnhookDeferred
+		s.ConnectRedirected += c.ConnectRedirected
+		s.ConnectSidecar += c.ConnectSidecar
+		s.ConnectExcluded += c.ConnectExcluded
+		s.OrigDstRecorded += c.OrigDstRecorded
+		s.OrigDstAnswered += c.OrigDstAnswered
 	}
 	return s, nil
 }

@@ -27,6 +27,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -44,6 +45,8 @@ type wlRequest struct {
 	MaxWrite int    `json:"max_write,omitempty"`
 	Seed     uint64 `json:"seed,omitempty"`
 	OneWay   bool   `json:"one_way,omitempty"` // stream: client to server only
+	// send/recv: server to client instead; send writes in MinWrite chunks when set.
+	Reverse bool `json:"reverse,omitempty"`
 }
 
 type wlSock struct {
@@ -91,8 +94,16 @@ func workloadMain() int {
 
 type wlConnPair struct {
 	client, server *net.TCPConn
-	// sent by client and not yet read by server (op "send"/"recv")
-	pending []byte
+	// sent by client and not yet read by server (op "send"/"recv"), and the reverse
+	pending, pendingRev []byte
+}
+
+// ends returns the writer and reader of op "send"/"recv" and the bytes pending between them.
+func (p *wlConnPair) ends(reverse bool) (w, r *net.TCPConn, pending *[]byte) {
+	if reverse {
+		return p.server, p.client, &p.pendingRev
+	}
+	return p.client, p.server, &p.pending
 }
 
 type wlState struct {
@@ -100,6 +111,14 @@ type wlState struct {
 	listeners []net.Listener
 	accepted  map[uint16]chan net.Conn // by the client's port
 	pairs     []*wlConnPair
+	conns     []net.Conn // of ops "connect" and "origdst"
+	// async is the result of op "recvasync": bytes read, or an error.
+	async chan asyncRead
+}
+
+type asyncRead struct {
+	got []byte
+	err error
 }
 
 func (w *wlState) acceptChan(port uint16) chan net.Conn {
@@ -149,7 +168,7 @@ func (w *wlState) do(req wlRequest, rep *wlReply) error {
 	case "send":
 		return w.send(req)
 	case "recv":
-		rep.Bytes, rep.Problems = w.recv()
+		rep.Bytes, rep.Problems = w.recv(req)
 		return nil
 	case "close":
 		w.closePairs()
@@ -161,6 +180,40 @@ func (w *wlState) do(req wlRequest, rep *wlReply) error {
 		return w.churn(req, rep)
 	case "pingpong":
 		return w.pingpong(req, rep)
+	case "connect": // dial req.Addr, write "x"; the reply's pair has the client side only
+		c, err := net.DialTimeout("tcp", req.Addr, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		w.conns = append(w.conns, c)
+		rep.Pairs = []wlPair{{Client: sockInfo(c.(*net.TCPConn))}}
+		_, err = c.Write([]byte("x"))
+		return err
+	case "recvasync": // read req.Bytes on the first pair's server (client if Reverse) in the background
+		_, rd, _ := w.pairs[0].ends(req.Reverse)
+		w.async = make(chan asyncRead, 1)
+		go func() {
+			got := make([]byte, req.Bytes)
+			_ = rd.SetReadDeadline(time.Now().Add(30 * time.Second))
+			_, err := io.ReadFull(rd, got)
+			_ = rd.SetReadDeadline(time.Time{})
+			w.async <- asyncRead{got, err}
+		}()
+		return nil
+	case "recvwait": // wait for "recvasync" and compare with what "send" sent that way
+		r := <-w.async
+		_, _, pending := w.pairs[0].ends(req.Reverse)
+		rep.Bytes = int64(len(r.got))
+		switch {
+		case r.err != nil:
+			rep.Problems = append(rep.Problems, fmt.Sprintf("background read: %v", r.err))
+		case !bytes.Equal(r.got, *pending):
+			rep.Problems = append(rep.Problems, fmt.Sprintf("background read: %d bytes differ from the %d sent", len(r.got), len(*pending)))
+		}
+		*pending = nil
+		return nil
+	case "origdst": // take the accepted connection from req.Addr, read "x" and SO_ORIGINAL_DST
+		return w.origDst(req, rep)
 	case "join": // move this process into the cgroup req.Addr; earlier sockets stay outside
 		return os.WriteFile(filepath.Join(req.Addr, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
 	}
@@ -296,38 +349,48 @@ func (w *wlState) stream(req wlRequest) (int64, []string) {
 	return total, problems
 }
 
-// send writes req.Bytes from every client without the server reading.
+// send writes req.Bytes from every client (server if req.Reverse) without the other end
+// reading, in writes of req.MinWrite bytes when set, else in one.
 func (w *wlState) send(req wlRequest) error {
 	for i, p := range w.pairs {
+		wr, _, pending := p.ends(req.Reverse)
 		b := make([]byte, req.Bytes)
 		_, _ = rand.NewChaCha8(seedBytes(req.Seed + uint64(i))).Read(b)
-		if err := p.client.SetWriteDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		if err := wr.SetWriteDeadline(time.Now().Add(10 * time.Second)); err != nil {
 			return err
 		}
-		if _, err := p.client.Write(b); err != nil {
-			return fmt.Errorf("pair %d: write: %w", i, err)
+		chunk := len(b)
+		if req.MinWrite > 0 {
+			chunk = req.MinWrite
 		}
-		p.pending = append(p.pending, b...)
+		for off := 0; off < len(b); off += chunk {
+			if _, err := wr.Write(b[off:min(off+chunk, len(b))]); err != nil {
+				return fmt.Errorf("pair %d: write: %w", i, err)
+			}
+		}
+		*pending = append(*pending, b...)
 	}
 	return nil
 }
 
-// recv reads on every server exactly the bytes sent by "send" and compares them.
-func (w *wlState) recv() (int64, []string) {
+// recv reads on every server (client if req.Reverse) exactly the bytes sent by "send" and
+// compares them.
+func (w *wlState) recv(req wlRequest) (int64, []string) {
 	var total int64
 	var problems []string
 	for i, p := range w.pairs {
-		got := make([]byte, len(p.pending))
-		_ = p.server.SetReadDeadline(time.Now().Add(10 * time.Second))
-		n, err := io.ReadFull(p.server, got)
+		_, rd, pending := p.ends(req.Reverse)
+		got := make([]byte, len(*pending))
+		_ = rd.SetReadDeadline(time.Now().Add(10 * time.Second))
+		n, err := io.ReadFull(rd, got)
 		total += int64(n)
 		if err != nil {
-			problems = append(problems, fmt.Sprintf("pair %d: read %d of %d: %v", i, n, len(p.pending), err))
-		} else if !bytes.Equal(got, p.pending) {
+			problems = append(problems, fmt.Sprintf("pair %d: read %d of %d: %v", i, n, len(*pending), err))
+		} else if !bytes.Equal(got, *pending) {
 			problems = append(problems, fmt.Sprintf("pair %d: %d bytes differ from what was sent", i, n))
 		}
-		p.pending = nil
-		_ = p.server.SetReadDeadline(time.Time{})
+		*pending = nil
+		_ = rd.SetReadDeadline(time.Time{})
 	}
 	return total, problems
 }
@@ -422,6 +485,60 @@ func (w *wlState) pingpong(req wlRequest, rep *wlReply) error {
 	return nil
 }
 
+func (w *wlState) origDst(req wlRequest, rep *wlReply) error {
+	from, err := netip.ParseAddrPort(req.Addr)
+	if err != nil {
+		return err
+	}
+	var c net.Conn
+	select {
+	case c = <-w.acceptChan(from.Port()):
+	case <-time.After(5 * time.Second):
+		return fmt.Errorf("no connection from %s accepted", from)
+	}
+	w.conns = append(w.conns, c)
+	if remote := c.RemoteAddr().(*net.TCPAddr).AddrPort(); netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port()) != from {
+		return fmt.Errorf("accepted a connection from %s, want %s", remote, from)
+	}
+	b := make([]byte, 1)
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, b); err != nil || b[0] != 'x' {
+		return fmt.Errorf("read from %s: %q %v", from, b, err)
+	}
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		return err
+	}
+	var orig netip.AddrPort
+	var oerr error
+	if err := rc.Control(func(fd uintptr) { orig, oerr = soOriginalDst(int(fd)) }); err != nil {
+		return err
+	}
+	if oerr != nil {
+		rep.Seen = []string{oerr.Error()}
+		return nil
+	}
+	rep.Addr = orig.String()
+	return nil
+}
+
+// soOriginalDst is getsockopt(SOL_IP, SO_ORIGINAL_DST), as Envoy's original_dst filter calls it.
+func soOriginalDst(fd int) (netip.AddrPort, error) {
+	const soOriginalDst = 80
+	var sa unix.RawSockaddrInet4
+	l := uint32(unix.SizeofSockaddrInet4)
+	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_IP, soOriginalDst,
+		uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&l)), 0)
+	if errno != 0 {
+		return netip.AddrPort{}, errno
+	}
+	if sa.Family != unix.AF_INET || l != unix.SizeofSockaddrInet4 {
+		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: family %d, length %d", sa.Family, l)
+	}
+	port := uint16(sa.Port>>8 | sa.Port<<8) // network byte order in memory
+	return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), port), nil
+}
+
 func (w *wlState) closePairs() {
 	for _, p := range w.pairs {
 		p.client.Close()
@@ -432,6 +549,9 @@ func (w *wlState) closePairs() {
 
 func (w *wlState) closeAll() {
 	w.closePairs()
+	for _, c := range w.conns {
+		c.Close()
+	}
 	for _, l := range w.listeners {
 		l.Close()
 	}

@@ -37,6 +37,8 @@ type opts struct {
 	jsonOut  string
 	only     string
 	modes    string
+	// envoyConns is fortio's connection count in the Envoy runs.
+	envoyConns int
 }
 
 func main() {
@@ -45,8 +47,9 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of one tool run")
 	flag.StringVar(&o.cgroup2, "cgroup2", "/sys/fs/cgroup/unified", "cgroup v2 mount to make the bench cgroup in")
 	flag.StringVar(&o.jsonOut, "json", "", "also write all samples as JSON to this file")
-	flag.StringVar(&o.only, "only", "", "comma-separated runs to do (default all): "+strings.Join(runNames(), ","))
-	flag.StringVar(&o.modes, "modes", strings.Join(allModes, ","), "comma-separated modes to compare; plain is the baseline")
+	flag.StringVar(&o.only, "only", "", "comma-separated runs to do (default all): "+strings.Join(runNames(), ",")+",envoy")
+	flag.IntVar(&o.envoyConns, "envoy-conns", 8, "fortio connections in the Envoy runs")
+	flag.StringVar(&o.modes, "modes", strings.Join(defaultModes, ","), "comma-separated modes to compare ("+strings.Join(allModes, ",")+"); plain is the baseline")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -106,8 +109,11 @@ func runs() []benchRun {
 	}
 }
 
-// Modes: plain TCP, naive redirect (every send), ours (with the small-write rule).
-var allModes = []string{"plain", "naive", "accel"}
+// Modes: plain TCP, naive redirect (every send), ours (with the small-write rule), and ours
+// with demoted sockets left in the sockhash (not run by default: what unhooking gains).
+var allModes = []string{"plain", "naive", "accel", "keep"}
+
+var defaultModes = []string{"plain", "naive", "accel"}
 
 func runNames() []string {
 	var names []string
@@ -220,17 +226,19 @@ func run(ctx context.Context, o opts) (err error) {
 				if mode != "plain" {
 					c := cfg
 					c.NaiveRedirect = mode == "naive"
+					c.KeepDemoted = mode == "keep"
 					if agent, err = bpf.New(c); err != nil {
 						return err
 					}
 					before, _ = agent.Stats()
 				}
 				vals, err := r.run(ctx, b)
-				var redirected, demoted uint64
+				var redirected, demoted, unhooked uint64
 				if agent != nil {
 					after, _ := agent.Stats()
 					redirected = after.BytesRedirected - before.BytesRedirected
 					demoted = after.SocketsDemoted - before.SocketsDemoted
+					unhooked = after.SocketsUnhooked - before.SocketsUnhooked
 					// Uninstall: the next plain run must see no program at all.
 					err = errors.Join(err, agent.Uninstall())
 				}
@@ -240,11 +248,26 @@ func run(ctx context.Context, o opts) (err error) {
 				for _, m := range r.metrics {
 					samples = append(samples, sample{Case: m.name, Mode: mode, Rep: rep, Value: vals[m.name], Redirected: redirected})
 					fmt.Fprintf(os.Stderr, "rep %d %-18s %-5s %14.3f %-12s", rep, m.name, mode, vals[m.name], m.unit)
+					if agent != nil && m.name == r.metrics[0].name {
+						fmt.Fprintf(os.Stderr, " unhooked %d", unhooked)
+					}
 					if agent != nil {
 						fmt.Fprintf(os.Stderr, " redirected %d MiB, sockets moved to TCP %d", redirected>>20, demoted)
 					}
 					fmt.Fprintln(os.Stderr)
 				}
+			}
+		}
+	}
+	var envoy map[string][]envoyResult
+	if o.only == "" || slices.Contains(splitList(o.only), "envoy") {
+		if envoy, err = b.runEnvoy(ctx, pin); err != nil {
+			return err
+		}
+		for mode, rs := range envoy {
+			for rep, r := range rs {
+				samples = append(samples, sample{Case: "envoy_rps", Mode: mode, Rep: rep, Value: r.rps},
+					sample{Case: "envoy_p50", Mode: mode, Rep: rep, Value: r.p50us})
 			}
 		}
 	}
@@ -254,11 +277,11 @@ func run(ctx context.Context, o opts) (err error) {
 			return err
 		}
 	}
-	report(samples, o)
+	report(samples, envoy, o)
 	return nil
 }
 
-func report(samples []sample, o opts) {
+func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "case\tunit\tplain\tnaive\tours\tnaive/plain\tours/plain\tsamples plain | naive | ours\n")
 	ratios := map[string]float64{}
@@ -299,9 +322,31 @@ func report(samples []sample, o opts) {
 		}
 		return "n/a"
 	}
-	// Envoy and connect4 are not measured yet (see issue 5).
-	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=n/a connect4_rps_ratio=n/a\n",
-		ratio("pingpong_64B_p50"), ratio("bulk_128KiB"), fmtRatio(small), fmtRatio(worst))
+	envoyRatio, connect4Ratio := math.NaN(), math.NaN()
+	if len(envoy) > 0 {
+		fmt.Println()
+		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+		fmt.Fprintf(tw, "envoy (fortio -c %d → Envoy → fortio server)\treq/s\tp50 usec\treq/s ÷ iptables\tsamples req/s\n", o.envoyConns)
+		rps := map[string]float64{}
+		for _, mode := range envoyModes {
+			var r, l []float64
+			for _, x := range envoy[mode] {
+				r, l = append(r, x.rps), append(l, x.p50us)
+			}
+			rps[mode] = median(r)
+			fmt.Fprintf(tw, "%s\t%.0f\t%.1f\t%.2fx\t%s\n", mode, median(r), median(l), median(r)/rps["iptables"], fmtList(r))
+		}
+		tw.Flush()
+		fmt.Println("(iptables: Istio's default; +accel: sockmap on the app↔Envoy and Envoy↔server hops. Under iptables NAT the app's" +
+			" socket names the server's address, so the app↔Envoy pair can't be matched and only the Envoy↔server hop is redirected;" +
+			" connect4 rewrites the app's socket itself, so both hops are.)")
+		envoyRatio = rps["connect4+accel"] / rps["iptables"]
+		connect4Ratio = rps["connect4"] / rps["iptables"]
+		fmt.Printf("envoy_rps_ratio = connect4+accel ÷ iptables (the agent vs Istio's default); connect4_rps_ratio = connect4 ÷ iptables (redirection alone); iptables+accel ÷ iptables = %s\n",
+			fmtRatio(rps["iptables+accel"]/rps["iptables"]))
+	}
+	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=%s connect4_rps_ratio=%s\n",
+		ratio("pingpong_64B_p50"), ratio("bulk_128KiB"), fmtRatio(small), fmtRatio(worst), fmtRatio(envoyRatio), fmtRatio(connect4Ratio))
 }
 
 func fmtRatio(v float64) string {
@@ -417,7 +462,11 @@ func freePort() (uint16, error) {
 }
 
 func waitListening(ctx context.Context, port uint16) error {
-	addr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port).String()
+	return waitListeningOn(ctx, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port))
+}
+
+func waitListeningOn(ctx context.Context, ap netip.AddrPort) error {
+	addr := ap.String()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {

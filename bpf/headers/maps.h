@@ -64,6 +64,63 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mt_pairs SEC(".maps");
 
+/* iptables-free redirection: its switch and the sidecar's outbound address (one entry). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mt_redirect_cfg);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_redirect SEC(".maps");
+
+/* cgroup IDs of sidecars: connects made by their processes are never redirected. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MT_MAX_SIDECAR_CGROUPS);
+	__type(key, __u64);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_sidecar_cgroups SEC(".maps");
+
+/* Destination ports (host byte order) never redirected. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MT_MAX_EXCLUDED);
+	__type(key, __u16);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_excluded_ports SEC(".maps");
+
+/* Destination CIDRs never redirected. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MT_MAX_EXCLUDED);
+	__type(key, struct mt_cidr_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_excluded_cidrs SEC(".maps");
+
+/* Original destinations by the redirected socket's cookie, from connect until sockops sees
+ * the connection established and moves the entry to mt_orig_by_addr. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MT_MAX_ORIG_DST);
+	__type(key, __u64);
+	__type(value, struct mt_orig_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_orig_by_cookie SEC(".maps");
+
+/* Original destinations by the redirected connection's addresses: what the sidecar's
+ * getsockopt(SO_ORIGINAL_DST) on the accepted socket answers. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MT_MAX_ORIG_DST);
+	__type(key, struct mt_orig_key);
+	__type(value, struct mt_orig_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_orig_by_addr SEC(".maps");
+
 /* Written by the loader: a hash of every map's key and value layout. A pinned map set whose
  * hash differs was made by an agent with other layouts and is replaced, not reused. */
 struct {
@@ -81,5 +138,13 @@ static __always_inline struct mt_counters *mt_counters_get(void)
 }
 
 #define mt_count(c, field, n) __sync_fetch_and_add(&(c)->field, (n))
+
+static __always_inline struct mt_redirect_cfg *mt_redirect_cfg_get(void)
+{
+	__u32 zero = 0;
+	struct mt_redirect_cfg *cfg = bpf_map_lookup_elem(&mt_redirect, &zero);
+
+	return cfg && cfg->enabled ? cfg : 0;
+}
 
 #endif /* MESHTURBO_MAPS_H */

@@ -14,6 +14,15 @@
 #define MT_MAX_PAIRS 32768
 #define MT_MAX_MESH_IPS 4096
 #define MT_MAX_SIDECAR_PORTS 256
+#define MT_MAX_ORIG_DST 65536
+#define MT_MAX_SIDECAR_CGROUPS 256
+#define MT_MAX_EXCLUDED 256
+
+/* Socket and address constants (no libc headers in BPF objects). */
+#define SOCK_STREAM 1
+#define IPPROTO_TCP 6
+#define SOL_IP 0
+#define SO_ORIGINAL_DST 80
 
 /* mt_mesh_ips values. */
 #define MT_IP_MESH 1
@@ -57,6 +66,13 @@ struct mt_counters {
 	__u64 bytes_tcp_only;
 	__u64 sk_state_failed;    /* mesh sockets without state: not inserted / not redirected */
 	__u64 sock_demoted;       /* sockets moved to TCP for streaming small writes */
+	__u64 sock_unhooked;      /* demoted sockets taken out of the sockhash (unhook.c) */
+	__u64 unhook_deferred;    /* ... not yet: redirected bytes still unread, or in grace */
+	__u64 connect_redirected; /* connects sent to the sidecar's outbound port (connect4.c) */
+	__u64 connect_sidecar;    /* connects of the sidecar itself: never redirected */
+	__u64 connect_excluded;   /* connects to an excluded port or CIDR: never redirected */
+	__u64 orig_dst_recorded;  /* original destinations handed from connect to the 4-tuple */
+	__u64 orig_dst_answered;  /* SO_ORIGINAL_DST answered by getsockopt.c */
 };
 
 /* Per-socket state (socket local storage). */
@@ -64,12 +80,70 @@ struct mt_sk_state {
 	__u32 flags;
 };
 
+/* mt_pair_state.flags: MT_PAIR_DEMOTED is set when one end streamed small writes. From then
+ * on both ends send on the TCP path, and unhook.c takes each end out of the sockhash once
+ * mt_unhook_grace_ns (unhook.c) has passed and no redirected byte waits unread in its queue: only
+ * then does the socket send and receive as plain TCP again, at plain TCP's cost. */
+#define MT_PAIR_DEMOTED 1
+
 /* Per connection (keyed by the key of its lower end, see mt_key_less): which end sent last
  * and how many small sends it made in a row. Heuristic state only: losing an entry (LRU)
- * just starts the count again. */
+ * just starts the count again, and a demoted pair whose entry is lost stays hooked (its
+ * sockets keep MT_SK_TCP_ONLY: correct, only slower). */
 struct mt_pair_state {
 	__u32 last_sender; /* 1: the lower end, 2: the other; 0: none yet */
 	__u32 small_run;
+	__u32 flags;
+	/* quiet[side - 1] is set once that end is known to have no redirect in flight any
+	 * more after the demotion (unhook.c), or never could redirect (redir.c). One byte per
+	 * end: each is written alone (no atomic or-instruction on the default BPF CPU). */
+	__u8 quiet[2];
+	__u16 pad;
+	__u64 demoted_ns; /* bpf_ktime_get_ns() when MT_PAIR_DEMOTED was set */
+};
+
+/* mt_set_quiet marks end side (1 or 2) of a pair quiet. */
+static __always_inline void mt_set_quiet(struct mt_pair_state *ps, __u32 side)
+{
+	if (side == 1)
+		ps->quiet[0] = 1;
+	else
+		ps->quiet[1] = 1;
+}
+
+static __always_inline int mt_is_quiet(const struct mt_pair_state *ps, __u32 side)
+{
+	return side == 1 ? ps->quiet[0] : ps->quiet[1];
+}
+
+/* iptables-free redirection (connect4.c, getsockopt.c). One entry, written by the loader. */
+struct mt_redirect_cfg {
+	__u32 enabled;
+	__u32 sidecar_ip4;   /* network byte order */
+	__u16 outbound_port; /* host byte order */
+	__u16 pad;
+	__u32 pad2;
+};
+
+/* An original destination, remembered at connect. */
+struct mt_orig_dst {
+	__u32 ip4;  /* network byte order */
+	__u16 port; /* host byte order */
+	__u16 pad;
+};
+
+/* A redirected connection as the app's socket sees it: the app's address and the sidecar's. */
+struct mt_orig_key {
+	__u32 app_ip4;     /* network byte order */
+	__u32 sidecar_ip4; /* network byte order */
+	__u16 app_port;    /* host byte order */
+	__u16 sidecar_port;
+};
+
+/* An excluded IPv4 CIDR: an LPM trie key. */
+struct mt_cidr_key {
+	__u32 prefixlen;
+	__u32 ip4; /* network byte order */
 };
 
 /* The kernel stores the remote port as a 16-bit network-order value shifted into the upper
@@ -108,6 +182,15 @@ static __always_inline int mt_key_less(const struct mt_sock_key *a, const struct
 			return a->local_ip.addr[i] < b->local_ip.addr[i];
 	}
 	return 0;
+}
+
+/* Swap the ends of a key: the key the peer socket has. */
+static __always_inline void mt_key_swap(struct mt_sock_key *dst, const struct mt_sock_key *src)
+{
+	dst->local_ip = src->remote_ip;
+	dst->remote_ip = src->local_ip;
+	dst->local_port = src->remote_port;
+	dst->remote_port = src->local_port;
 }
 
 #endif /* MESHTURBO_MESH_H */

@@ -46,6 +46,7 @@ type args struct {
 	cgroup       string
 	pinPath      string
 	adminAddr    string
+	tokenFile    string
 	meshIPs      string // comma-separated
 	sidecarPorts string // comma-separated
 	meshFile     string
@@ -54,6 +55,14 @@ type args struct {
 	smallMsg     uint
 	smallRun     uint
 	naive        bool
+	keepDemoted  bool
+	coexist      bool
+	// The iptables-free redirection mode (see bpf.RedirectConfig).
+	redirect         bool
+	redirectOutbound string
+	redirectSidecars string // comma-separated cgroup v2 directories
+	redirectExclPort string // comma-separated
+	redirectExclCIDR string // comma-separated
 	// probeFailure forces a feature probe to fail (tests of the fallback path).
 	probeFailure bpf.Feature
 }
@@ -64,7 +73,8 @@ func parseArgs(argv []string, stderr io.Writer) (args, error) {
 	fs.SetOutput(stderr)
 	fs.StringVar(&a.cgroup, "cgroup", defaultCgroup(), "cgroup v2 directory whose sockets are accelerated")
 	fs.StringVar(&a.pinPath, "pin-path", bpf.DefaultPinPath, "bpffs directory of the pinned maps and links")
-	fs.StringVar(&a.adminAddr, "admin", "127.0.0.1:15055", "admin API address (loopback)")
+	fs.StringVar(&a.adminAddr, "admin", "127.0.0.1:15055", "admin API address: loopback host:port or unix:///path; elsewhere it needs -admin-token-file")
+	fs.StringVar(&a.tokenFile, "admin-token-file", "", "file with the admin API bearer token")
 	fs.StringVar(&a.meshIPs, "mesh-ips", "", "comma-separated local IPs of mesh workloads")
 	fs.StringVar(&a.sidecarPorts, "sidecar-ports", "15001,15006", "comma-separated sidecar ports (loopback pairs with one end on one are accelerated)")
 	fs.StringVar(&a.meshFile, "mesh-file", "", `JSON file {"ips": [...], "sidecar_ports": [...]} (e.g. written by the CNI integration); replaces -mesh-ips/-sidecar-ports, re-read when it changes and on SIGHUP`)
@@ -73,6 +83,13 @@ func parseArgs(argv []string, stderr io.Writer) (args, error) {
 	fs.UintVar(&a.smallMsg, "small-msg", bpf.DefaultSmallMsg, "sends below this many bytes are small (see -small-run)")
 	fs.UintVar(&a.smallRun, "small-run", bpf.DefaultSmallRun, "a socket making this many small sends in a row, with no send of its peer between, moves to TCP for good")
 	fs.BoolVar(&a.naive, "naive-redirect", false, "redirect every send of a mesh socket (no small-write rule); for benchmarks")
+	fs.BoolVar(&a.keepDemoted, "keep-demoted", false, "leave sockets moved to TCP in the sockhash instead of unhooking them; for benchmarks")
+	fs.BoolVar(&a.coexist, "coexist-with-other-owners", false, "run beside another sockmap owner on the cgroup (Cilium, Merbridge, another agent) instead of refusing; the sockets it holds stay its own, counted as insert_failed{reason=\"busy\"}")
+	fs.BoolVar(&a.redirect, "redirect", false, "iptables-free redirection: send apps' TCP connects to the sidecar's outbound port (cgroup/connect4) and answer SO_ORIGINAL_DST for the sidecar (cgroup/getsockopt); off: iptables does it")
+	fs.StringVar(&a.redirectOutbound, "redirect-outbound", "127.0.0.1:15001", "with -redirect: the sidecar's outbound listener")
+	fs.StringVar(&a.redirectSidecars, "redirect-sidecar-cgroups", "", "with -redirect (required): comma-separated cgroup v2 directories of sidecar processes, whose own connects are never redirected")
+	fs.StringVar(&a.redirectExclPort, "redirect-exclude-ports", "", "with -redirect: comma-separated destination ports never redirected")
+	fs.StringVar(&a.redirectExclCIDR, "redirect-exclude-cidrs", "", "with -redirect: comma-separated destination IPv4 CIDRs never redirected")
 	if err := fs.Parse(argv); err != nil {
 		return args{}, err
 	}

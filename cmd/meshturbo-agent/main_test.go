@@ -39,6 +39,23 @@ func TestParseArgs(t *testing.T) {
 		{[]string{"extra"}, true, nil},
 		{[]string{"-max-conns", "99999999999"}, true, nil},
 		{[]string{"-nope"}, true, nil},
+		{[]string{"-redirect", "-redirect-sidecar-cgroups", "/a,/b", "-redirect-outbound", "127.0.0.1:15001",
+			"-redirect-exclude-ports", "22, 15020", "-redirect-exclude-cidrs", "169.254.0.0/16"}, false,
+			func(a args) bool {
+				rc, err := a.redirectConfig()
+				return err == nil && rc.Enabled && len(rc.SidecarCgroups) == 2 && rc.OutboundPort == 15001 &&
+					len(rc.ExcludePorts) == 2 && rc.ExcludeCIDRs[0].String() == "169.254.0.0/16"
+			}},
+		{[]string{"-redirect"}, false, func(a args) bool {
+			_, err := a.redirectConfig()
+			return err != nil && strings.Contains(err.Error(), "-redirect-sidecar-cgroups")
+		}},
+		{[]string{"-redirect", "-redirect-sidecar-cgroups", "/a", "-redirect-exclude-cidrs", "10.0.0.0/33"}, false,
+			func(a args) bool { _, err := a.redirectConfig(); return err != nil }},
+		{[]string{"-redirect-sidecar-cgroups", "/a"}, false, func(a args) bool {
+			rc, err := a.redirectConfig()
+			return err == nil && !rc.Enabled
+		}},
 	} {
 		a, err := parseArgs(tc.argv, io.Discard)
 		if (err != nil) != tc.wantErr {
@@ -242,5 +259,61 @@ func TestRunFallsBackWhenAFeatureIsMissing(t *testing.T) {
 	}
 	if _, err := os.Stat(pin); !os.IsNotExist(err) {
 		t.Fatalf("pin path created in fallback: %v", err)
+	}
+}
+
+// TestRunRedirectModeSwitch: -redirect attaches connect4 and getsockopt and reports them; the
+// next run without it (same pins) detaches them again.
+func TestRunRedirectModeSwitch(t *testing.T) {
+	requireRoot(t)
+	cg := testCgroup(t)
+	sidecarCg := filepath.Join(cg, "sidecar")
+	if err := os.Mkdir(sidecarCg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(sidecarCg) }) // runs before the parent's removal
+	pin := filepath.Join(bpf.DefaultBPFFS, "meshturbo-agent-test-"+suffix())
+	t.Cleanup(func() {
+		if err := bpf.Uninstall(pin); err != nil {
+			t.Errorf("uninstall: %v", err)
+		}
+	})
+	a := args{cgroup: cg, pinPath: pin, sidecarPorts: "15001", maxConns: 1024, meshPoll: time.Second,
+		redirect: true, redirectOutbound: "127.0.0.1:15001", redirectSidecars: sidecarCg, redirectExclPort: "22"}
+	t.Run("on", func(t *testing.T) {
+		addr := startRun(t, a)
+		var st status
+		if err := json.Unmarshal([]byte(get(t, "http://"+addr+"/v1/accel")), &st); err != nil {
+			t.Fatal(err)
+		}
+		if !st.State.Redirect.On || st.State.Redirect.SidecarAddr.String() != "127.0.0.1:15001" || len(st.State.Programs) != 4 {
+			t.Fatalf("redirect state %+v, %d programs", st.State.Redirect, len(st.State.Programs))
+		}
+		if !st.State.Unhook.On {
+			t.Fatalf("unhook off: %s", st.State.Unhook.Off)
+		}
+		metrics := get(t, "http://"+addr+"/metrics")
+		for _, want := range []string{`meshturbo_accel_redirect_connects_total{outcome="redirected"}`, "meshturbo_accel_sockets_unhooked_total"} {
+			if !strings.Contains(metrics, want) {
+				t.Errorf("metrics lack %q", want)
+			}
+		}
+	})
+	if _, err := os.Stat(filepath.Join(pin, "link_connect4")); err != nil {
+		t.Fatalf("connect4 link not pinned: %v", err)
+	}
+	a.redirect = false
+	t.Run("off", func(t *testing.T) {
+		addr := startRun(t, a)
+		var st status
+		if err := json.Unmarshal([]byte(get(t, "http://"+addr+"/v1/accel")), &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.State.Redirect.On || len(st.State.Programs) != 2 {
+			t.Fatalf("redirect state %+v, %d programs", st.State.Redirect, len(st.State.Programs))
+		}
+	})
+	if _, err := os.Stat(filepath.Join(pin, "link_connect4")); !os.IsNotExist(err) {
+		t.Fatalf("connect4 link still pinned: %v", err)
 	}
 }

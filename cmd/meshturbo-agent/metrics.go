@@ -11,6 +11,7 @@ type collector struct {
 	n *node
 
 	enabled, sockets, inserted, insertFailed, skipped, demoted, msgs, bytes *prometheus.Desc
+	unhooked, unhookDeferred, connects, origDst, otherOwners                *prometheus.Desc
 }
 
 func newCollector(n *node) *collector {
@@ -18,20 +19,26 @@ func newCollector(n *node) *collector {
 		return prometheus.NewDesc("meshturbo_accel_"+name, help, labels, nil)
 	}
 	return &collector{
-		n:            n,
-		enabled:      d("enabled", "1 while acceleration is on; 0 in fallback (the kernel lacks a feature)."),
-		sockets:      d("sockets", "Sockets in the sockhash now (two per accelerated connection)."),
-		inserted:     d("sockets_inserted_total", "Sockets put into the sockhash."),
-		insertFailed: d("insert_failed_total", "Mesh sockets that could not be put into the sockhash, by reason (busy: another sockmap owner; full; other).", "reason"),
-		skipped:      d("sockets_skipped_total", "Established sockets in the cgroup that are not mesh pairs."),
-		demoted:      d("sockets_demoted_total", "Sockets moved to the TCP path for good because they streamed small writes."),
-		msgs:         d("messages_total", "Sends seen by the sk_msg program, by path (redirected; fallthrough: peer not in the sockhash; tcp_only: socket kept on TCP after a miss or for streaming small writes).", "path"),
-		bytes:        d("bytes_total", "Bytes of those sends, by path.", "path"),
+		n:              n,
+		enabled:        d("enabled", "1 while acceleration is on; 0 in fallback (the kernel lacks a feature)."),
+		sockets:        d("sockets", "Sockets in the sockhash now (two per accelerated connection)."),
+		inserted:       d("sockets_inserted_total", "Sockets put into the sockhash."),
+		insertFailed:   d("insert_failed_total", "Mesh sockets that could not be put into the sockhash, by reason (busy: another sockmap owner; full; other).", "reason"),
+		skipped:        d("sockets_skipped_total", "Established sockets in the cgroup that are not mesh pairs."),
+		demoted:        d("sockets_demoted_total", "Sockets moved to the TCP path for good because they streamed small writes."),
+		msgs:           d("messages_total", "Sends seen by the sk_msg program, by path (redirected; fallthrough: peer not in the sockhash; tcp_only: socket kept on TCP after a miss or for streaming small writes).", "path"),
+		bytes:          d("bytes_total", "Bytes of those sends, by path.", "path"),
+		otherOwners:    d("other_owners", "Other sockmap owners found on the cgroup at start (the agent runs beside them only with -coexist-with-other-owners); alert when > 0."),
+		unhooked:       d("sockets_unhooked_total", "Sockets of demoted pairs taken out of the sockhash: plain TCP again."),
+		unhookDeferred: d("unhook_deferred_total", "Times a socket of a demoted pair had to stay in the sockhash for now (grace period, or redirected bytes unread)."),
+		connects:       d("redirect_connects_total", "TCP connects seen by the redirect mode, by outcome (redirected; sidecar: the sidecar's own; excluded: port or CIDR).", "outcome"),
+		origDst:        d("redirect_original_dst_total", "Original destinations of redirected connections, by step (recorded at establishment; answered to SO_ORIGINAL_DST).", "step"),
 	}
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.enabled, c.sockets, c.inserted, c.insertFailed, c.skipped, c.demoted, c.msgs, c.bytes} {
+	for _, d := range []*prometheus.Desc{c.enabled, c.sockets, c.inserted, c.insertFailed, c.skipped, c.demoted, c.msgs, c.bytes,
+		c.unhooked, c.unhookDeferred, c.connects, c.origDst, c.otherOwners} {
 		ch <- d
 	}
 }
@@ -48,6 +55,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	gauge(c.enabled, 1)
+	gauge(c.otherOwners, float64(len(c.n.agent.State().OtherOwners)))
 	if keys, err := c.n.agent.Sockets(); err == nil {
 		gauge(c.sockets, float64(len(keys)))
 	}
@@ -71,4 +79,11 @@ func collectStats(s bpf.Stats, counter func(*prometheus.Desc, uint64, ...string)
 	counter(c.bytes, s.BytesRedirected, "redirected")
 	counter(c.bytes, s.BytesFallthrough, "fallthrough")
 	counter(c.bytes, s.BytesTCPOnly, "tcp_only")
+	counter(c.unhooked, s.SocketsUnhooked)
+	counter(c.unhookDeferred, s.UnhookDeferred)
+	counter(c.connects, s.ConnectRedirected, "redirected")
+	counter(c.connects, s.ConnectSidecar, "sidecar")
+	counter(c.connects, s.ConnectExcluded, "excluded")
+	counter(c.origDst, s.OrigDstRecorded, "recorded")
+	counter(c.origDst, s.OrigDstAnswered, "answered")
 }

@@ -50,6 +50,37 @@ func (a args) flagMesh() (mesh, error) {
 	return m, nil
 }
 
+// redirectConfig is the redirect mode from the flags.
+func (a args) redirectConfig() (bpf.RedirectConfig, error) {
+	if !a.redirect {
+		return bpf.RedirectConfig{}, nil
+	}
+	rc := bpf.RedirectConfig{Enabled: true, SidecarCgroups: splitList(a.redirectSidecars)}
+	out, err := netip.ParseAddrPort(a.redirectOutbound)
+	if err != nil {
+		return rc, fmt.Errorf("-redirect-outbound: %w", err)
+	}
+	rc.SidecarIP, rc.OutboundPort = out.Addr(), out.Port()
+	if len(rc.SidecarCgroups) == 0 {
+		return rc, errors.New("-redirect needs -redirect-sidecar-cgroups: the sidecar's own connects must not be redirected back to it")
+	}
+	for _, s := range splitList(a.redirectExclPort) {
+		p, err := strconv.ParseUint(s, 10, 16)
+		if err != nil || p == 0 {
+			return rc, fmt.Errorf("-redirect-exclude-ports: %q is not a port", s)
+		}
+		rc.ExcludePorts = append(rc.ExcludePorts, uint16(p))
+	}
+	for _, s := range splitList(a.redirectExclCIDR) {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return rc, fmt.Errorf("-redirect-exclude-cidrs: %w", err)
+		}
+		rc.ExcludeCIDRs = append(rc.ExcludeCIDRs, p)
+	}
+	return rc, nil
+}
+
 func splitList(s string) []string {
 	var out []string
 	for _, f := range strings.Split(s, ",") {
@@ -140,6 +171,10 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 			return err
 		}
 	}
+	rc, err := a.redirectConfig()
+	if err != nil {
+		return err
+	}
 	var opts []bpf.Option
 	if a.probeFailure != "" {
 		opts = append(opts, bpf.WithProbeFailure(a.probeFailure))
@@ -147,14 +182,17 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	n := &node{}
 	n.features, _ = bpf.Probe(opts...)
 	n.agent, err = bpf.New(bpf.Config{
-		CgroupPath:    a.cgroup,
-		PinPath:       a.pinPath,
-		MeshIPs:       m.IPs,
-		SidecarPorts:  m.SidecarPorts,
-		MaxConns:      uint32(a.maxConns),
-		SmallMsg:      uint32(a.smallMsg),
-		SmallRun:      uint32(a.smallRun),
-		NaiveRedirect: a.naive,
+		CgroupPath:             a.cgroup,
+		PinPath:                a.pinPath,
+		MeshIPs:                m.IPs,
+		SidecarPorts:           m.SidecarPorts,
+		MaxConns:               uint32(a.maxConns),
+		SmallMsg:               uint32(a.smallMsg),
+		SmallRun:               uint32(a.smallRun),
+		NaiveRedirect:          a.naive,
+		KeepDemoted:            a.keepDemoted,
+		CoexistWithOtherOwners: a.coexist,
+		Redirect:               rc,
 	}, opts...)
 	switch {
 	case errors.Is(err, ebpf.ErrNotSupported):
@@ -169,8 +207,22 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		log.Info("acceleration on", "cgroup", st.CgroupPath, "pin_path", st.PinPath,
 			"adopted", adoptedCount(st), "replaced_maps", len(st.ReplacedMaps),
 			"mesh_ips", len(m.IPs), "sidecar_ports", m.SidecarPorts)
+		if !st.Unhook.On {
+			log.Warn("sockets moved to TCP stay hooked (slower than plain TCP for small writes)", "reason", st.Unhook.Off)
+		}
+		switch {
+		case st.Redirect.On:
+			log.Info("iptables-free redirection on", "outbound", st.Redirect.SidecarAddr, "sidecar_cgroups", st.Redirect.SidecarCgroups,
+				"exclude_ports", st.Redirect.ExcludePorts, "exclude_cidrs", st.Redirect.ExcludeCIDRs)
+		case rc.Enabled:
+			log.Warn("iptables-free redirection off: the kernel lacks a feature; connects are not redirected", "reason", st.Redirect.Off)
+		}
 		for _, r := range st.ReplacedMaps {
 			log.Warn("pinned map replaced: its layout changed; its live connections drain", "map", r.Name, "reason", r.Reason)
+		}
+		if len(st.OtherOwners) > 0 {
+			log.Warn("another sockmap owner runs on this cgroup; the sockets it holds are not accelerated (insert_failed{reason=\"busy\"})",
+				"owners", st.OtherOwners)
 		}
 		if len(st.OtherSockOps) > 0 {
 			log.Warn("other sockops programs run on this cgroup; sockets they claim are not accelerated (insert_busy)",
@@ -178,7 +230,7 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		}
 	}
 
-	adm, err := admin.New(admin.Config{Addr: a.adminAddr, Logger: log})
+	adm, err := admin.New(admin.Config{Addr: a.adminAddr, TokenFile: a.tokenFile, Name: "meshturbo-agent", Logger: log})
 	if err != nil {
 		return err
 	}
