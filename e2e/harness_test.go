@@ -30,7 +30,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binDir = dir
-	build := exec.Command("go", "build", "-o", dir+"/", "../cmd/meshturbo-xds", "../cmd/meshturbo-upgrade")
+	build := exec.Command("go", "build", "-o", dir+"/", "../cmd/meshturbo-xds", "../cmd/meshturbo-upgrade", "../cmd/meshturbo-agent", "../cmd/meshctl")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e: building the daemons failed:", err)
