@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -266,3 +267,86 @@ type syncBuf struct {
 
 func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
 func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+// skippingWatcher is a fakeWatcher that also left entries out before publishing.
+type skippingWatcher struct {
+	*fakeWatcher
+	skipped []model.Skipped
+}
+
+func (s *skippingWatcher) Skipped() []model.Skipped { return s.skipped }
+
+// TestWatcherSkipsInStatus: entries a watcher skipped itself show in Status next to the
+// bridge's own, through source options too, but for services the options leave out.
+func TestWatcherSkipsInStatus(t *testing.T) {
+	inner := &skippingWatcher{fakeWatcher: newFake(model.SourceZooKeeper), skipped: []model.Skipped{
+		{Source: model.SourceZooKeeper, ID: "/dubbo/Broken/providers/x", Code: model.SkipMalformed, Reason: "bad-url: no scheme"},
+		{Source: model.SourceZooKeeper, Hostname: "secret.dubbo", ID: "10.0.0.9:20880", Code: model.SkipConflict, Reason: "duplicate"},
+	}}
+	w, err := WithOptions(inner, SourceOptions{Exclude: []string{"secret*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, cats := startBridge(t, nil, w)
+	inner.snap <- []model.Service{svc(model.SourceZooKeeper, "a.dubbo", "10.0.0.1", "not-an-ip")}
+	cats.next(t, func(c *model.Catalog) bool { return len(c.Services) == 1 })
+	st := b.Status()[0]
+	if len(st.Skipped) != 2 || st.Skipped[0].Code != model.SkipBadAddress || st.Skipped[1].ID != "/dubbo/Broken/providers/x" {
+		t.Fatalf("skipped = %+v, want the bridge's bad address, then the watcher's malformed URL (not the excluded service's)", st.Skipped)
+	}
+	// Status must not grow what the bridge keeps.
+	if again := b.Status()[0]; len(again.Skipped) != 2 {
+		t.Fatalf("second Status has %d skipped entries, want 2", len(again.Skipped))
+	}
+}
+
+// TestPacedByBuildCost: a catalog that takes 30ms to serve is followed by at least Pace×30ms
+// of rest, however fast changes arrive, and the last change is still served.
+func TestPacedByBuildCost(t *testing.T) {
+	w := newFake(model.SourceConsul)
+	var mu sync.Mutex
+	var built []int // endpoints of a.service.consul in each catalog
+	b, err := New(Config{Watchers: []Watcher{w}, Debounce: time.Millisecond, OnCatalog: func(c *model.Catalog) {
+		time.Sleep(30 * time.Millisecond) // a big catalog's cost
+		mu.Lock()
+		defer mu.Unlock()
+		if s := c.Lookup("a.service.consul"); s != nil {
+			built = append(built, len(s.Endpoints))
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	start := time.Now()
+	n := 0
+	for time.Since(start) < 600*time.Millisecond {
+		n++
+		addrs := make([]string, 0, n)
+		for i := range n {
+			addrs = append(addrs, fmt.Sprintf("10.0.%d.%d", i/250, i%250+1))
+		}
+		w.snap <- []model.Service{svc(model.SourceConsul, "a.service.consul", addrs...)}
+		time.Sleep(5 * time.Millisecond)
+	}
+	elapsed := time.Since(start)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		mu.Lock()
+		last := len(built) > 0 && built[len(built)-1] == n
+		count := len(built)
+		mu.Unlock()
+		if last {
+			// Each build takes at least 30ms and is followed by Pace×30ms of rest.
+			if most := int(elapsed/((Pace+1)*30*time.Millisecond)) + 2; count > most {
+				t.Fatalf("%d catalogs for %d changes in %s, want at most %d", count, n, elapsed.Round(time.Millisecond), most)
+			}
+			t.Logf("%d changes in %s → %d catalogs", n, elapsed.Round(time.Millisecond), count)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the last change (%d endpoints) never reached a catalog; built %v", n, built)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -53,6 +53,27 @@ func (s *shaped) Health() Health {
 	return Health{Connected: true}
 }
 
+// Skipped passes the wrapped watcher's skipped entries through, but for services the
+// options leave out anyway.
+func (s *shaped) Skipped() []model.Skipped {
+	sr, ok := s.Watcher.(SkipReporter)
+	if !ok {
+		return nil
+	}
+	var out []model.Skipped
+	for _, sk := range sr.Skipped() {
+		if sk.Hostname == "" || s.keep(sk.Hostname) {
+			out = append(out, sk)
+		}
+	}
+	return out
+}
+
+var (
+	_ HealthReporter = (*shaped)(nil)
+	_ SkipReporter   = (*shaped)(nil)
+)
+
 func (s *shaped) Run(ctx context.Context, publish func([]model.Service)) error {
 	return s.Watcher.Run(ctx, func(svcs []model.Service) {
 		out := make([]model.Service, 0, len(svcs))

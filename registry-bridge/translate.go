@@ -3,7 +3,6 @@ package bridge
 import (
 	"fmt"
 	"net/netip"
-	"regexp"
 	"strings"
 
 	networking "istio.io/api/networking/v1alpha3"
@@ -112,10 +111,24 @@ func ServiceEntry(svc *model.Service) *networking.ServiceEntry {
 	return se
 }
 
-var (
-	labelNameRE  = regexp.MustCompile(`^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$`)
-	labelValueRE = regexp.MustCompile(`^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$`)
-)
+// validLabelName reports whether s is a Kubernetes label name (without prefix) or non-empty
+// value: ^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$, checked without a regexp (it runs
+// for every label of every endpoint on every catalog).
+func validLabelName(s string) bool {
+	if len(s) == 0 || len(s) > 63 || !isAlnum(s[0]) || !isAlnum(s[len(s)-1]) {
+		return false
+	}
+	for i := 1; i < len(s)-1; i++ {
+		if c := s[i]; !isAlnum(c) && c != '-' && c != '_' && c != '.' {
+			return false
+		}
+	}
+	return true
+}
+
+func isAlnum(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+}
 
 // cleanLabels keeps the labels Kubernetes (and so Istio's validation) accepts and drops the
 // rest: registry metadata is free-form, labels are not.
@@ -132,7 +145,7 @@ func cleanLabels(in map[string]string) map[string]string {
 			}
 			name = rest
 		}
-		if labelNameRE.MatchString(name) && labelValueRE.MatchString(v) {
+		if validLabelName(name) && (v == "" || validLabelName(v)) {
 			out[k] = v
 		}
 	}

@@ -2,6 +2,8 @@ package bridge
 
 import (
 	"net/netip"
+	"regexp"
+	"strings"
 	"testing"
 
 	networking "istio.io/api/networking/v1alpha3"
@@ -76,5 +78,18 @@ func TestHTTPServicesNeedNoVIP(t *testing.T) {
 		{Hostname: "b.x", Ports: []model.Port{{Name: "tcp", Number: 1, Protocol: model.ProtocolTCP}}},
 	}), TranslateOptions{VIPRange: netip.MustParsePrefix("10.0.0.7/32")}); err == nil {
 		t.Error("two TCP services fitted in a /32")
+	}
+}
+
+// TestValidLabelName checks the hand-written check against the Kubernetes label regexp.
+func TestValidLabelName(t *testing.T) {
+	re := regexp.MustCompile(`^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$`)
+	cases := []string{"", "a", "A", "0", "-", "a-", "-a", "a-b", "a_b.c", "a b", "é", "v1.2.3", "a/b",
+		strings.Repeat("a", 63), strings.Repeat("a", 64), "a" + strings.Repeat("-", 61) + "a", "a" + strings.Repeat("-", 62) + "a",
+		"x_", "_x", "x.", "1.0.0", "has space", "bad key!"}
+	for _, s := range cases {
+		if got, want := validLabelName(s), re.MatchString(s); got != want {
+			t.Errorf("validLabelName(%q) = %v, the regexp says %v", s, got, want)
+		}
 	}
 }

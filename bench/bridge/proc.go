@@ -20,13 +20,18 @@ func cpuSeconds(pid int) float64 {
 }
 
 // rssMiB is the resident set size of a process, from /proc/<pid>/status.
-func rssMiB(pid int) int {
+func rssMiB(pid int) int { return statusMiB(pid, "VmRSS:") }
+
+// peakRSSMiB is the largest resident set size the process has had (VmHWM).
+func peakRSSMiB(pid int) int { return statusMiB(pid, "VmHWM:") }
+
+func statusMiB(pid int, key string) int {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return 0
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(line, key); ok {
 			kb, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
 			return kb / 1024
 		}

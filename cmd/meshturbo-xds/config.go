@@ -180,6 +180,11 @@ type EurekaConfig struct {
 	Domain        string   `yaml:"domain"`
 	MeshedMetaKey string   `yaml:"meshedMetaKey"`
 	PollInterval  Duration `yaml:"pollInterval"`
+	// RequestTimeout bounds one fetch, the answer read included (default 10s).
+	RequestTimeout Duration `yaml:"requestTimeout"`
+	// MaxResponseBytes bounds one answer (default 256 MiB: GET /apps for 100,000 instances is
+	// about 75 MB).
+	MaxResponseBytes int64 `yaml:"maxResponseBytes"`
 }
 
 // TLSConfig is client TLS to a registry.
@@ -324,6 +329,9 @@ func (c *Config) validate() error {
 					errs = append(errs, fmt.Errorf("%s.eureka.urls[%d]: %q is not an http(s) URL", at, j, u))
 				}
 			}
+			if s.Eureka.MaxResponseBytes < 0 {
+				errs = append(errs, fmt.Errorf("%s.eureka.maxResponseBytes: %d is negative; leave it out for the default (256 MiB)", at, s.Eureka.MaxResponseBytes))
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -375,6 +383,7 @@ func (c *Config) watchers(log *slog.Logger) ([]bridge.Watcher, error) {
 		case s.Eureka != nil:
 			w, err = eureka.New(eureka.Config{URLs: s.Eureka.URLs, Domain: s.Eureka.Domain,
 				MeshedMetaKey: s.Eureka.MeshedMetaKey, PollInterval: s.Eureka.PollInterval.Duration,
+				RequestTimeout: s.Eureka.RequestTimeout.Duration, MaxResponseBytes: s.Eureka.MaxResponseBytes,
 				Logger: log.With("source", "eureka")})
 		}
 		if err != nil {

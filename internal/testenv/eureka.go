@@ -2,7 +2,9 @@ package testenv
 
 import (
 	"fmt"
+	"maps"
 	"os/exec"
+	"slices"
 	"testing"
 	"time"
 )
@@ -27,6 +29,24 @@ func StartEureka(t testing.TB) *Eureka {
 
 // StartEurekaIn is StartEureka outside a test.
 func StartEurekaIn(env *Env, d Deps) (*Eureka, error) {
+	return StartEurekaWith(env, d, EurekaOptions{})
+}
+
+// EurekaOptions are the rare knobs of a test Eureka server.
+type EurekaOptions struct {
+	// MaxHeap is the JVM's -Xmx (default "512m"); 100,000 instances need about 2g.
+	MaxHeap string
+	// Properties are Spring properties passed on the command line (--key=value), over
+	// e2e/eureka-server's application.properties, e.g.
+	// "eureka.server.retention-time-in-m-s-in-delta-queue": "30000".
+	Properties map[string]string
+}
+
+// StartEurekaWith is StartEurekaIn with options.
+func StartEurekaWith(env *Env, d Deps, o EurekaOptions) (*Eureka, error) {
+	if o.MaxHeap == "" {
+		o.MaxHeap = "512m"
+	}
 	dir, err := env.workDir("eureka")
 	if err != nil {
 		return nil, fmt.Errorf("start eureka: %w", err)
@@ -36,7 +56,10 @@ func StartEurekaIn(env *Env, d Deps) (*Eureka, error) {
 		return nil, err
 	}
 	url := fmt.Sprintf("http://%s/eureka", Addr(ports[0]))
-	args := append(javaTestFlags(dir, "512m"), "-jar", d.EurekaJar, fmt.Sprintf("--server.port=%d", ports[0]))
+	args := append(javaTestFlags(dir, o.MaxHeap), "-jar", d.EurekaJar, fmt.Sprintf("--server.port=%d", ports[0]))
+	for _, k := range slices.Sorted(maps.Keys(o.Properties)) {
+		args = append(args, fmt.Sprintf("--%s=%s", k, o.Properties[k]))
+	}
 	cmd := exec.Command(d.Java, args...)
 	cmd.Dir = dir
 	// Spring Boot starts in 5-10 s here; much slower with -race tests on both cores.

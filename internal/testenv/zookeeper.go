@@ -38,6 +38,20 @@ func StartZooKeeper(t testing.TB) *ZooKeeper {
 
 // StartZooKeeperIn is StartZooKeeper outside a test.
 func StartZooKeeperIn(env *Env, d Deps) (*ZooKeeper, error) {
+	return StartZooKeeperWith(env, d, ZooKeeperOptions{})
+}
+
+// ZooKeeperOptions are the rare knobs of a test ZooKeeper.
+type ZooKeeperOptions struct {
+	// MaxHeap is the JVM's -Xmx (default "256m"); a benchmark holding 100,000 znodes needs more.
+	MaxHeap string
+}
+
+// StartZooKeeperWith is StartZooKeeperIn with options.
+func StartZooKeeperWith(env *Env, d Deps, o ZooKeeperOptions) (*ZooKeeper, error) {
+	if o.MaxHeap == "" {
+		o.MaxHeap = "256m"
+	}
 	dir, err := env.workDir("zookeeper")
 	if err != nil {
 		return nil, fmt.Errorf("start zookeeper: %w", err)
@@ -63,7 +77,7 @@ admin.enableServer=false
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		return nil, fmt.Errorf("start zookeeper: %w", err)
 	}
-	cmd := exec.Command(d.Java, append(javaTestFlags(dir, "256m"),
+	cmd := exec.Command(d.Java, append(javaTestFlags(dir, o.MaxHeap),
 		"-cp", d.ZooKeeperClasspath,
 		"org.apache.zookeeper.server.quorum.QuorumPeerMain", cfgPath)...)
 	cmd.Dir = dir

@@ -42,7 +42,8 @@ type Config struct {
 	MeshedMetaKey string
 	// WaitTime bounds each blocking query (default 5m, as Consul's own default).
 	WaitTime time.Duration
-	// Debounce is the quiet period before a snapshot is published (default 50ms).
+	// Debounce is the quiet period before a snapshot is published (default 50ms); the next
+	// snapshot is not built before bridge.Paced(the cost of the last) has passed.
 	Debounce time.Duration
 	// InitialSync bounds how long the first snapshot waits for every service's first health
 	// answer (default 30s); services still unanswered then join when they answer.
@@ -180,6 +181,7 @@ func (w *Watcher) Run(ctx context.Context, publish func([]model.Service)) error 
 		published  bool
 		expired    bool      // InitialSync has passed
 		firstDirty time.Time // first change not yet published; zero when none
+		notBefore  time.Time // the rest after the last snapshot ends (bridge.Paced)
 	)
 	for {
 		select {
@@ -192,7 +194,7 @@ func (w *Watcher) Run(ctx context.Context, publish func([]model.Service)) error 
 				firstDirty = time.Now()
 			}
 			if time.Since(firstDirty) < 20*w.cfg.Debounce {
-				debounce.Reset(w.cfg.Debounce)
+				debounce.Reset(max(w.cfg.Debounce, time.Until(notBefore)))
 			}
 			continue
 		case <-debounce.C:
@@ -202,6 +204,7 @@ func (w *Watcher) Run(ctx context.Context, publish func([]model.Service)) error 
 				continue
 			}
 		}
+		built := time.Now()
 		st.mu.Lock()
 		// The first snapshot waits for every service's first health answer (a partial first
 		// view would remove services from the mesh), up to InitialSync; after that a new
@@ -215,6 +218,9 @@ func (w *Watcher) Run(ctx context.Context, publish func([]model.Service)) error 
 		}
 		st.mu.Unlock()
 		if !ready {
+			// The next answer starts a new quiet period: without this, once the first 20
+			// Debounce had passed, a first sync longer than that would wait for InitialSync.
+			firstDirty = time.Time{}
 			continue
 		}
 		firstDirty = time.Time{}
@@ -227,6 +233,7 @@ func (w *Watcher) Run(ctx context.Context, publish func([]model.Service)) error 
 		}
 		last, published = snap, true
 		publish(snap)
+		notBefore = time.Now().Add(bridge.Paced(time.Since(built)))
 	}
 }
 

@@ -284,3 +284,30 @@ func TestConsulRestartResetsIndex(t *testing.T) {
 		t.Errorf("converged %s after recovery, want within 5s", took)
 	}
 }
+
+// TestLongFirstSyncPublishesWhenDone: a first sync that takes longer than 20 Debounce (here
+// 1,000 services, each with its first health query) is published as soon as every service
+// has answered, not at InitialSync.
+func TestLongFirstSyncPublishesWhenDone(t *testing.T) {
+	consul := testenv.StartConsul(t)
+	c := agentClient(t, consul.HTTPAddr)
+	if _, err := c.Catalog().Register(&api.CatalogRegistration{Node: "many", Address: "10.9.0.1"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	const n = 1000
+	var ops api.TxnOps
+	for i := range n {
+		ops = append(ops, &api.TxnOp{Service: &api.ServiceTxnOp{Verb: api.ServiceSet, Node: "many",
+			Service: api.AgentService{ID: fmt.Sprintf("s%d-1", i), Service: fmt.Sprintf("s%d", i), Address: fmt.Sprintf("10.9.%d.%d", i/250, i%250+1), Port: 80}}})
+		if len(ops) == 64 || i == n-1 {
+			if ok, resp, _, err := c.Txn().Txn(ops, nil); err != nil || !ok {
+				t.Fatalf("consul txn: %v %v", err, resp)
+			}
+			ops = nil
+		}
+	}
+	start := time.Now()
+	snaps := runWatcher(t, consul.HTTPAddr, testenv.Logger(t)) // InitialSync: the default 30s
+	snaps.Await(t, 15*time.Second, "all 1,000 services", func(s []model.Service) bool { return len(s) >= n })
+	t.Logf("first snapshot with %d services after %s", n, time.Since(start).Round(time.Millisecond))
+}

@@ -81,7 +81,7 @@ func (c *client) get(ctx context.Context, base *url.URL, path string) ([]byte, e
 func (c *client) tooLarge(shown string) error {
 	return &fetchError{URL: shown, Reason: FailureTooLarge,
 		Err: fmt.Errorf("answer is larger than %d bytes", c.maxBytes),
-		Fix: "raise Config.MaxResponseBytes if the registry is really this large; otherwise check what answers at this URL"}
+		Fix: "raise Config.MaxResponseBytes (meshturbo-xds: sources[].eureka.maxResponseBytes) if the registry is really this large; otherwise check what answers at this URL"}
 }
 
 func (c *client) transportError(shown string, err error) error {
@@ -91,7 +91,7 @@ func (c *client) transportError(shown string, err error) error {
 	var ne net.Error
 	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
 		return &fetchError{URL: shown, Reason: FailureTimeout, Err: err,
-			Fix: fmt.Sprintf("Eureka did not answer within %v: check its load and the network, or raise Config.RequestTimeout", c.timeout)}
+			Fix: fmt.Sprintf("Eureka did not answer within %v: check its load and the network, or raise Config.RequestTimeout (meshturbo-xds: sources[].eureka.requestTimeout)", c.timeout)}
 	}
 	return &fetchError{URL: shown, Reason: FailureUnreachable, Err: err,
 		Fix: "start Eureka or fix Config.URLs; each must be Eureka's REST base, e.g. http://eureka:8761/eureka"}

@@ -34,7 +34,7 @@
 //   - Metadata becomes endpoint labels; "locality" is the endpoint's locality; an instance is
 //     meshed (gets Istio mTLS) when its metadata key Config.MeshedMetaKey is "true".
 //   - ipAddr must be an IP address. Instances with a bad address, a port outside 1-65535, or
-//     an instance ID seen twice in one app are skipped with a reason (see Stats), as are apps
+//     an instance ID seen twice in one app are skipped with a reason (see Stats and Skipped), as are apps
 //     whose name is no DNS label (MY_APP).
 //   - An app with instances but none UP keeps its service with no endpoints, so callers get
 //     "no healthy upstream" rather than an unknown host.
@@ -63,7 +63,7 @@ const (
 	DefaultPollInterval     = time.Second
 	DefaultRequestTimeout   = 10 * time.Second
 	DefaultResyncInterval   = 5 * time.Minute
-	DefaultMaxResponseBytes = 64 << 20
+	DefaultMaxResponseBytes = 256 << 20 // GET /apps for 100,000 instances is about 75 MB
 	DefaultDebounce         = 50 * time.Millisecond
 )
 
@@ -90,7 +90,8 @@ type Config struct {
 	// ResyncInterval is how often the whole registry is fetched even when deltas check out
 	// (default 5m).
 	ResyncInterval time.Duration
-	// MaxResponseBytes bounds an answer; larger ones are rejected (default 64 MiB).
+	// MaxResponseBytes bounds an answer; larger ones are rejected (default 256 MiB, room for
+	// some 300,000 instances).
 	MaxResponseBytes int64
 	// Debounce is the longest a change waits before it is published (default 50ms); changes
 	// that arrive meanwhile are published with it.
@@ -175,8 +176,9 @@ type Watcher struct {
 	urls   []*url.URL
 	client *client
 
-	mu    sync.Mutex
-	stats Stats
+	mu      sync.Mutex
+	stats   Stats
+	skipped []model.Skipped // the UP instances (and apps) the current snapshot leaves out
 }
 
 // New validates cfg and sets up the HTTP client; it does not contact Eureka.
@@ -216,6 +218,9 @@ type syncState struct {
 	lastFull time.Time // last successful full fetch
 	// noDeltasUntil is set when the server refuses deltas: until then, every fetch is full.
 	noDeltasUntil time.Time
+	// unchanged is true when the last sync applied a delta that changed nothing (see
+	// registry.changedBy): the registry copy holds what it held, and so does its snapshot.
+	unchanged bool
 }
 
 // Run watches until ctx ends; call it once at a time. Failed fetches are logged and retried
@@ -264,11 +269,21 @@ func (w *Watcher) Run(ctx context.Context, publish func([]model.Service)) error 
 			}
 			bo.reset()
 			poll.Reset(w.cfg.PollInterval)
+			if st.unchanged && havePending {
+				// Nothing changed: at 100,000 instances, building the snapshot again costs
+				// more than all the rest of an idle poll.
+				continue
+			}
 
+			built := time.Now()
 			snap, skipped := st.reg.services(m)
+			if rest := bridge.Paced(time.Since(built)); rest > w.cfg.PollInterval {
+				poll.Reset(rest) // a large registry: rest in proportion to the build
+			}
 			lastSkipped = w.logSkipped(skipped, lastSkipped)
 			w.mu.Lock()
 			w.stats.Skipped = countReasons(skipped, doc.Unreadable)
+			w.skipped = skipped
 			w.mu.Unlock()
 			if havePending && equalServices(pending, snap) {
 				continue
@@ -286,6 +301,7 @@ func (w *Watcher) Run(ctx context.Context, publish func([]model.Service)) error 
 // delta does not check out. It returns the answer that was applied.
 func (w *Watcher) sync(ctx context.Context, st *syncState) (*document, error) {
 	now := time.Now()
+	st.unchanged = false
 	full := st.needFull || st.reg == nil || now.Before(st.noDeltasUntil) ||
 		now.Sub(st.lastOK) > deltaHorizon || now.Sub(st.lastFull) >= w.cfg.ResyncInterval
 	deltasForbidden := false
@@ -293,10 +309,15 @@ func (w *Watcher) sync(ctx context.Context, st *syncState) (*document, error) {
 		doc, err := w.fetch(ctx, st, "apps/delta")
 		switch fe, _ := errors.AsType[*fetchError](err); {
 		case err == nil:
-			next := st.reg.apply(doc)
+			changed := st.reg.changedBy(doc)
+			next := st.reg
+			if changed {
+				next = st.reg.apply(doc)
+			}
 			got := next.hashCode()
 			if doc.HasHashCode && got == doc.HashCode {
 				st.reg, st.lastOK = next, time.Now()
+				st.unchanged = !changed && len(doc.Unreadable) == 0
 				w.succeeded(st, func(s *Stats) { s.DeltaFetches++ })
 				return doc, nil
 			}
@@ -439,7 +460,17 @@ func (b *backoff) next() time.Duration {
 	return d
 }
 
-var _ bridge.HealthReporter = (*Watcher)(nil)
+var (
+	_ bridge.HealthReporter = (*Watcher)(nil)
+	_ bridge.SkipReporter   = (*Watcher)(nil)
+)
+
+// Skipped lists the UP instances (and the apps) the current snapshot leaves out, and why.
+func (w *Watcher) Skipped() []model.Skipped {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Clone(w.skipped)
+}
 
 // Health reports whether the last fetch from Eureka succeeded.
 func (w *Watcher) Health() bridge.Health {

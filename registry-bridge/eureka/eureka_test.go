@@ -322,7 +322,7 @@ func TestNewValidates(t *testing.T) {
 	if st := w.Stats(); st.URL != "http://user:xxxxx@eureka:8761/eureka" {
 		t.Errorf("stats URL = %q, want the password redacted", st.URL)
 	}
-	if w.cfg.Domain != "eureka" || w.cfg.PollInterval != time.Second || w.cfg.MaxResponseBytes != 64<<20 {
+	if w.cfg.Domain != "eureka" || w.cfg.PollInterval != time.Second || w.cfg.MaxResponseBytes != 256<<20 {
 		t.Errorf("defaults = %+v", w.cfg)
 	}
 }

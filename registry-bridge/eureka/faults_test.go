@@ -26,7 +26,7 @@ const (
 	faultGarbage = "garbage" // 200 with truncated JSON
 	faultSlow    = "slow"    // no answer until the client gives up
 	faultDrop    = "drop"    // the connection is closed without an answer
-	faultHuge    = "huge"    // 200 with an answer over 64 MiB, its Content-Length given
+	faultHuge    = "huge"    // 200 with an answer over testMaxBytes, its Content-Length given
 	faultPhantom = "phantom" // deltas carry an instance the registry does not have
 	faultNoDelta = "nodelta" // 403 to deltas only, as with eureka.server.disable-delta
 	phantomApp   = "PHANTOM" // the app of that instance
@@ -116,8 +116,12 @@ func (p *faultProxy) serve(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// hugeSize is the size of writeHuge's answer: 1 MiB over the default limit.
-const hugeSize = DefaultMaxResponseBytes + 1<<20
+// testMaxBytes is the answer limit of the watchers that meet faultHuge: the default is large
+// enough for 100,000 instances, too large to write quickly in every test.
+const testMaxBytes = 16 << 20
+
+// hugeSize is the size of writeHuge's answer: 1 MiB over testMaxBytes.
+const hugeSize = testMaxBytes + 1<<20
 
 // writeHuge writes a syntactically valid Eureka answer of hugeSize bytes, or until the client
 // goes away.
@@ -188,7 +192,7 @@ func TestRecoversFromFaults(t *testing.T) {
 	proxy := newFaultProxy(t, eureka.URL)
 	api.register(reg{app: "ORDERS", id: "o1", ip: "10.0.0.1", port: 8080})
 
-	w, snaps := runWatcher(t, Config{URLs: []string{proxy.URL()}, RequestTimeout: time.Second})
+	w, snaps := runWatcher(t, Config{URLs: []string{proxy.URL()}, RequestTimeout: time.Second, MaxResponseBytes: testMaxBytes})
 	ids := []string{"o1"}
 	snaps.Await(t, 10*time.Second, "orders", hasEndpoints("orders.eureka", ids...))
 
@@ -294,12 +298,12 @@ func fullFetch(t *testing.T, base string) ([]model.Service, []model.Skipped) {
 	return newRegistry(doc).services(mapping{domain: DefaultDomain, meshedMetaKey: DefaultMeshedMetaKey})
 }
 
-// TestRejectsOversizedAnswers serves an answer over 64 MiB without a Content-Length, so the
+// TestRejectsOversizedAnswers serves an answer over the limit without a Content-Length, so the
 // watcher must count what it reads. No Eureka is needed to produce the fault.
 func TestRejectsOversizedAnswers(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { writeHuge(w) }))
 	t.Cleanup(srv.Close)
-	w, snaps := runWatcher(t, Config{URLs: []string{srv.URL + "/eureka"}})
+	w, snaps := runWatcher(t, Config{URLs: []string{srv.URL + "/eureka"}, MaxResponseBytes: testMaxBytes})
 	st := awaitStats(t, w, 30*time.Second, "two rejected answers", func(s Stats) bool { return s.Failures[FailureTooLarge] >= 2 })
 	if !st.Stale || st.FullFetches != 0 || len(st.Failures) != 1 {
 		t.Errorf("stats = %+v, want only oversized answers, and stale", st)

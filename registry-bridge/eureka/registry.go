@@ -21,11 +21,26 @@ const (
 	reasonBadHostname  = "invalid host name"
 )
 
+// skipCode classifies a reason for metrics.
+func skipCode(reason string) model.SkipCode {
+	switch reason {
+	case reasonBadIP:
+		return model.SkipBadAddress
+	case reasonBadPort, reasonNoPort:
+		return model.SkipBadPort
+	case reasonBadHostname:
+		return model.SkipBadHostname
+	default: // reasonDuplicateID, reasonMixedSchemes
+		return model.SkipConflict
+	}
+}
+
 // registry is the watcher's copy of Eureka's registry: every instance of every status, as
 // Eureka's own clients keep it, so that its hash code can be compared with the server's. It
 // is never changed in place: apply returns a new one sharing the untouched apps.
 type registry struct {
 	apps map[string]map[string]*instance // upper-case app name → instance ID → instance
+	hash *string                         // hashCode, once computed: the registry never changes
 }
 
 func newRegistry(doc *document) *registry {
@@ -61,10 +76,48 @@ func (r *registry) apply(delta *document) *registry {
 	return next
 }
 
+// changedBy reports whether applying delta would change the registry. Eureka's deltas are
+// not "since your last fetch" but "the last 3 minutes" (retention-time-in-m-s-in-delta-queue):
+// each poll gets the same recent changes again, and at 100,000 instances rebuilding the
+// snapshot for nothing would cost a third of a core.
+func (r *registry) changedBy(delta *document) bool {
+	for app, insts := range delta.Apps {
+		have := r.apps[app]
+		for id, in := range insts {
+			old, ok := have[id]
+			switch in.Action {
+			case actionAdded, actionModified:
+				if !ok || !old.same(in) {
+					return true
+				}
+			case actionDeleted:
+				if ok {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+// same reports whether two instances are the same, but for the delta action.
+func (a *instance) same(b *instance) bool {
+	return a.App == b.App && a.ID == b.ID && a.IPAddr == b.IPAddr && a.Status == b.Status &&
+		a.Port == b.Port && a.SecurePort == b.SecurePort && a.Dupes == b.Dupes && maps.Equal(a.Metadata, b.Metadata)
+}
+
 // hashCode is Eureka's Applications.getReconcileHashCode: the count of instances per status,
 // statuses in lexical order, each written as STATUS_count_, e.g. "DOWN_1_UP_3_". An empty
 // registry hashes to "".
 func (r *registry) hashCode() string {
+	if r.hash == nil {
+		h := r.computeHash()
+		r.hash = &h
+	}
+	return *r.hash
+}
+
+func (r *registry) computeHash() string {
 	counts := map[string]int{}
 	for _, insts := range r.apps {
 		for _, in := range insts {
@@ -101,7 +154,7 @@ func (r *registry) services(m mapping) ([]model.Service, []model.Skipped) {
 	var out []model.Service
 	var skipped []model.Skipped
 	skip := func(host, id, reason string) {
-		skipped = append(skipped, model.Skipped{Source: model.SourceEureka, Hostname: host, ID: id, Reason: reason})
+		skipped = append(skipped, model.Skipped{Source: model.SourceEureka, Hostname: host, ID: id, Code: skipCode(reason), Reason: reason})
 	}
 	for _, app := range slices.Sorted(maps.Keys(r.apps)) {
 		insts := r.apps[app]

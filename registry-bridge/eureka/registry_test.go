@@ -77,6 +77,22 @@ func TestApply(t *testing.T) {
 	if base.hashCode() != "UP_3_" || len(base.apps["A"]) != 2 {
 		t.Error("apply changed its receiver")
 	}
+	if !base.changedBy(delta) {
+		t.Error("changedBy: the delta changes the registry, but it says not")
+	}
+	// Eureka serves the same recent changes on every poll: applied again, they change nothing.
+	if next.changedBy(delta) {
+		t.Error("changedBy: the delta applied a second time changes nothing, but it says it does")
+	}
+	again := &document{Apps: map[string]map[string]*instance{
+		"A": {"a1": action(inst("A", "a1", "10.0.0.1", "DOWN", 80, map[string]string{"zone": "b"}), actionModified)},
+	}}
+	if !next.changedBy(again) {
+		t.Error("changedBy misses a metadata change")
+	}
+	if !next.changedBy(&document{Apps: map[string]map[string]*instance{"A": {"a3": action(inst("A", "a3", "10.0.0.4", "UP", 80, nil), actionDeleted)}}}) {
+		t.Error("changedBy misses a deletion")
+	}
 }
 
 func TestServices(t *testing.T) {

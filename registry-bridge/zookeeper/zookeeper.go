@@ -29,7 +29,8 @@
 // event; a full re-listing runs on every new connection and session and every Config.Resync.
 // Nothing is published before the first complete listing, and a listing that fails halfway
 // changes nothing: while ZooKeeper is unreachable, or its session expired, the last snapshot
-// stays in force. Entries it cannot use are skipped, logged once and counted in Stats.
+// stays in force. Entries it cannot use are skipped, logged once, counted in Stats and listed
+// with their reason by Skipped (which the bridge shows in its status and metrics).
 package zookeeper
 
 import (
@@ -39,6 +40,7 @@ import (
 	"log/slog"
 	"maps"
 	"path"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -83,7 +85,8 @@ type Config struct {
 	// Resync is the period of full re-listings that catch anything a watch missed (default 60s).
 	Resync time.Duration
 	// Debounce is the quiet period before a snapshot is published (default 50ms). Under a
-	// steady stream of changes a snapshot still goes out every 20 Debounce.
+	// steady stream of changes a snapshot still goes out every 20 Debounce. Either way the
+	// next snapshot is not built before bridge.Paced(the cost of the last) has passed.
 	Debounce time.Duration
 	Logger   *slog.Logger
 }
@@ -168,14 +171,16 @@ func cleanDomain(field, d, def string) (string, error) {
 type Watcher struct {
 	cfg Config
 
-	mu     sync.Mutex
-	stats  map[string]int
-	health bridge.Health
+	mu      sync.Mutex
+	stats   map[string]int
+	skipped []model.Skipped
+	health  bridge.Health
 }
 
 var (
 	_ bridge.Watcher        = (*Watcher)(nil)
 	_ bridge.HealthReporter = (*Watcher)(nil)
+	_ bridge.SkipReporter   = (*Watcher)(nil)
 )
 
 // New validates cfg; it does not contact ZooKeeper.
@@ -199,10 +204,37 @@ func (w *Watcher) Stats() map[string]int {
 	return maps.Clone(w.stats)
 }
 
-func (w *Watcher) setStats(s map[string]int) {
+// Skipped lists the znodes the last built snapshot left out because something is wrong with
+// them (not those switched off on purpose: disabled providers, consumers' URLs, meshturbo's
+// own registrations), each with its path as ID and the reason.
+func (w *Watcher) Skipped() []model.Skipped {
 	w.mu.Lock()
-	w.stats = s
+	defer w.mu.Unlock()
+	return slices.Clone(w.skipped)
+}
+
+func (w *Watcher) setStats(s map[string]int, skipped []model.Skipped) {
+	w.mu.Lock()
+	w.stats, w.skipped = s, skipped
 	w.mu.Unlock()
+}
+
+// skipCode classifies a reason for metrics; "" for entries left out on purpose.
+func skipCode(reason string) model.SkipCode {
+	switch reason {
+	case ReasonDisabled, ReasonNotProvider, ReasonOwn:
+		return ""
+	case ReasonBadHost:
+		return model.SkipBadAddress
+	case ReasonBadPort:
+		return model.SkipBadPort
+	case ReasonBadName:
+		return model.SkipBadHostname
+	case ReasonDuplicate, ReasonOtherProtocol, ReasonHostCollision:
+		return model.SkipConflict
+	default: // bad encoding, URL or JSON, oversized, unreadable
+		return model.SkipMalformed
+	}
 }
 
 // Health reports whether the watcher has a ZooKeeper session whose last reads succeeded.
@@ -316,6 +348,7 @@ type run struct {
 	curator map[string]map[string]node // service name → instance ID → node
 
 	published bool
+	notBefore time.Time // no snapshot is built before: the rest after the last (bridge.Paced)
 	last      []model.Service
 	logged    map[skipped]bool // skips already logged, so each is logged once
 }
@@ -389,7 +422,7 @@ func (r *run) loop(ctx context.Context) error {
 				if pendingSince.IsZero() {
 					pendingSince = now
 				}
-				debounce.Reset(min(r.cfg.Debounce, max(pendingSince.Add(20*r.cfg.Debounce).Sub(now), 0)))
+				debounce.Reset(max(min(r.cfg.Debounce, max(pendingSince.Add(20*r.cfg.Debounce).Sub(now), 0)), time.Until(r.notBefore)))
 			}
 		}
 		select {
@@ -407,7 +440,9 @@ func (r *run) loop(ctx context.Context) error {
 			}
 		case <-debounce.C:
 			pendingSince = time.Time{}
+			built := time.Now()
 			r.maybePublish()
+			r.notBefore = time.Now().Add(bridge.Paced(time.Since(built)))
 		}
 	}
 }
@@ -525,16 +560,20 @@ func (r *run) maybePublish() {
 	snap, skips := buildSnapshot(nodes)
 
 	stats := map[string]int{}
+	var reported []model.Skipped
 	logged := make(map[skipped]bool, len(skips))
 	for _, s := range skips {
 		stats[s.reason]++
+		if code := skipCode(s.reason); code != "" {
+			reported = append(reported, model.Skipped{Source: model.SourceZooKeeper, ID: s.path, Code: code, Reason: s.reason + ": " + s.detail})
+		}
 		logged[s] = true
 		if !r.logged[s] {
 			r.log.Warn("zookeeper entry skipped", "path", s.path, "reason", s.reason, "detail", s.detail)
 		}
 	}
 	r.logged = logged
-	r.w.setStats(stats)
+	r.w.setStats(stats, reported)
 
 	if r.published && equalServices(r.last, snap) {
 		return

@@ -103,6 +103,24 @@ func waitStats(t *testing.T, w *Watcher, want map[string]int) {
 		}
 		<-tick.C
 	}
+	// Skipped lists the same entries, but for those left out on purpose, each with a code
+	// and its reason.
+	reported := map[string]int{}
+	for _, s := range w.Skipped() {
+		reason, _, _ := strings.Cut(s.Reason, ": ")
+		if s.Source != model.SourceZooKeeper || s.ID == "" || s.Code != skipCode(reason) || s.Code == "" {
+			t.Errorf("Skipped() has %+v", s)
+		}
+		reported[reason]++
+	}
+	for reason, n := range want {
+		if skipCode(reason) == "" {
+			n = 0
+		}
+		if reported[reason] != n {
+			t.Errorf("Skipped() lists %d entries for %q, want %d (all: %v)", reported[reason], reason, n, w.Skipped())
+		}
+	}
 }
 
 func curatorJSON(name, id, addr string, port int, metadata string) []byte {
