@@ -20,6 +20,10 @@ import (
 //	         terminate = 5, forwarded_udp_packet = 6
 //	Reply:   pass_listen_socket = 1 { int32 fd = 1 }, shutdown_admin = 2, stats = 3
 
+// hrChunk is the most Envoy puts in one datagram (MaxSendmsgSize): only the last datagram of
+// a message is shorter.
+const hrChunk = 4096
+
 type hrKind int
 
 const (

@@ -14,6 +14,9 @@ import (
 type UpgradeBody struct {
 	Binary        string `json:"binary,omitempty"`
 	BootstrapPath string `json:"bootstrap_path,omitempty"`
+	// Handoff overrides the manager's hand-off mode for this upgrade: "auto", "hotrestart"
+	// or "reuseport".
+	Handoff string `json:"handoff,omitempty"`
 }
 
 // UpgradeHandler serves POST /v1/upgrade: it runs an upgrade to the binary and bootstrap
@@ -28,7 +31,7 @@ func (m *Manager) UpgradeHandler() http.Handler {
 			return
 		}
 		var req UpgradeRequest
-		req.Binary = body.Binary
+		req.Binary, req.Handoff = body.Binary, body.Handoff
 		if body.BootstrapPath != "" {
 			b, err := os.ReadFile(body.BootstrapPath)
 			if err != nil {

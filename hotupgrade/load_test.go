@@ -69,7 +69,12 @@ static_resources:
   clusters:
   - name: backend
     type: STATIC
-    connect_timeout: 1s
+    # As a sidecar's (Istio: connectTimeout 10s, circuit breakers at the maximum): the fault
+    # tests stop an Envoy for seconds under load, and the burst it then sends (over a
+    # thousand upstream connects in one event-loop pass, on two shared CPUs) must neither
+    # outlast a 1s connect timer nor trip the default limit of 1024.
+    connect_timeout: 10s
+    circuit_breakers: {thresholds: [{max_connections: 100000, max_pending_requests: 100000, max_requests: 100000}]}
     load_assignment:
       cluster_name: backend
       endpoints:

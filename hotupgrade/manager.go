@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -57,6 +58,17 @@ type Config struct {
 	EnvoyDrainTime time.Duration
 	DrainStrategy  string
 
+	// Handoff is how an upgrade passes the listeners to the new Envoy (UpgradeRequest.Handoff
+	// overrides it for one upgrade): HandoffAuto (default) uses Envoy's hot restart when the
+	// two binaries' hot-restart versions are equal and the reuseport hand-off otherwise;
+	// HandoffHotRestart always hot-restarts (an upgrade across hot-restart versions is
+	// rejected); HandoffReusePort never does (see handoff.go).
+	Handoff string
+	// HandoffAdminAddr is the admin address of an Envoy started by a reuseport hand-off while
+	// the old one still holds AdminAddr (default: a free port on AdminAddr's host, chosen at
+	// each such hand-off). Status.AdminAddr tells where the serving Envoy's admin is.
+	HandoffAdminAddr string
+
 	hooks testHooks
 }
 
@@ -76,6 +88,21 @@ func (c *Config) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(c.AdminAddr); err != nil {
 		return fmt.Errorf("hotupgrade: AdminAddr %q: %w", c.AdminAddr, err)
+	}
+	switch c.Handoff {
+	case "":
+		c.Handoff = HandoffAuto
+	case HandoffAuto, HandoffHotRestart, HandoffReusePort:
+	default:
+		return fmt.Errorf("hotupgrade: Handoff %q is not %s, %s or %s", c.Handoff, HandoffAuto, HandoffHotRestart, HandoffReusePort)
+	}
+	if c.HandoffAdminAddr != "" {
+		if _, _, err := net.SplitHostPort(c.HandoffAdminAddr); err != nil {
+			return fmt.Errorf("hotupgrade: HandoffAdminAddr %q: %w", c.HandoffAdminAddr, err)
+		}
+		if c.HandoffAdminAddr == c.AdminAddr {
+			return fmt.Errorf("hotupgrade: HandoffAdminAddr %q must differ from AdminAddr", c.HandoffAdminAddr)
+		}
 	}
 	switch c.DrainStrategy {
 	case "":
@@ -126,29 +153,35 @@ const (
 
 // Status is what the manager reports about its Envoy.
 type Status struct {
-	Epoch             int       `json:"epoch"`
-	Version           string    `json:"version"`
-	Binary            string    `json:"binary"`
-	HotRestartVersion string    `json:"hot_restart_version"`
-	PID               int       `json:"pid"`
-	Started           time.Time `json:"started"`
-	Phase             string    `json:"phase"`
-	BaseID            int       `json:"base_id"`
+	Epoch             int    `json:"epoch"`
+	Version           string `json:"version"`
+	Binary            string `json:"binary"`
+	HotRestartVersion string `json:"hot_restart_version"`
+	PID               int    `json:"pid"`
+	// AdminAddr is where the serving Envoy's admin listens: the configured address, or
+	// HandoffAdminAddr after a reuseport hand-off from an Envoy that held it.
+	AdminAddr string    `json:"admin_addr"`
+	Started   time.Time `json:"started"`
+	Phase     string    `json:"phase"`
+	BaseID    int       `json:"base_id"`
 	// AdminClosed: a rolled-back hand-off got as far as the new epoch's ShutdownAdmin, on
 	// which Envoy closes its admin listener for good; the running Envoy serves traffic but
 	// its admin is back only after the next upgrade.
-	AdminClosed bool           `json:"admin_closed,omitempty"`
-	Upgrades    int            `json:"upgrades"`
-	Rollbacks   int            `json:"rollbacks"`
-	Rejected    int            `json:"rejected"`
-	Last        *UpgradeResult `json:"last_upgrade,omitempty"`
+	AdminClosed bool `json:"admin_closed,omitempty"`
+	// Adopted: this manager took over Envoys an earlier run of it started (see state.go).
+	Adopted   bool           `json:"adopted,omitempty"`
+	Upgrades  int            `json:"upgrades"`
+	Rollbacks int            `json:"rollbacks"`
+	Rejected  int            `json:"rejected"`
+	Last      *UpgradeResult `json:"last_upgrade,omitempty"`
 }
 
 // Manager owns one pod's Envoy.
 type Manager struct {
 	cfg     Config
 	tempDir string
-	baseID  int
+	baseID  int    // hot-restart base id of the serving Envoy
+	admin   string // the admin address the serving Envoy's bootstrap configures
 
 	life    context.Context // ends at Close; cancels a running upgrade
 	stop    context.CancelFunc
@@ -157,15 +190,19 @@ type Manager struct {
 	closeEr error
 	wg      sync.WaitGroup // process watchers
 
-	mu        sync.Mutex
-	current   *process
-	bootstrap []byte
-	child     *process // the epoch an upgrade is starting
-	relay     *relay   // the relay whose parent is current, once an upgrade started
-	standins  []*relay // relays answering for a stopped parent until its child lets go
-	status    Status
-	exited    chan struct{}
-	exitDone  bool
+	mu            sync.Mutex
+	current       *process
+	bootstrap     []byte
+	child         *process // the epoch an upgrade is starting
+	draining      *process // the old epoch an upgrade told to drain, until it is stopped
+	drainDeadline time.Time
+	ports         map[int]bool // listener ports of the upgrade in progress
+	handoff       string       // how the upgrade in progress hands off, "" when none runs
+	relay         *relay       // the relay whose parent is current, once an upgrade started
+	standins      []*relay     // relays answering for a stopped parent until its child lets go
+	status        Status
+	exited        chan struct{}
+	exitDone      bool
 }
 
 // New writes the bootstrap, starts Envoy at epoch 0 and waits until it is LIVE. Close stops it.
@@ -175,17 +212,28 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	m := &Manager{cfg: cfg, sem: make(chan struct{}, 1), exited: make(chan struct{}), bootstrap: cfg.Bootstrap}
 	m.life, m.stop = context.WithCancel(context.Background())
+	fail := func(err error) (*Manager, error) {
+		m.stop()
+		m.cleanup()
+		return nil, err
+	}
 	if m.cfg.WorkDir == "" {
 		dir, err := os.MkdirTemp("", "meshturbo-envoy-")
 		if err != nil {
 			return nil, fmt.Errorf("hotupgrade: work dir: %w", err)
 		}
 		m.cfg.WorkDir, m.tempDir = dir, dir
-	}
-	fail := func(err error) (*Manager, error) {
-		m.stop()
-		m.cleanup()
-		return nil, err
+	} else if st, err := loadState(m.cfg.WorkDir); err == nil {
+		// An earlier run of the manager left Envoy running: adopt it.
+		adopted, err := m.recover(ctx, st)
+		if err != nil {
+			return fail(fmt.Errorf("hotupgrade: adopt the running Envoy: %w", err))
+		}
+		if adopted {
+			return m, nil
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fail(fmt.Errorf("hotupgrade: %w", err))
 	}
 	version, err := Version(ctx, cfg.Envoy)
 	if err != nil {
@@ -200,13 +248,16 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	p, err := startProcess(processConfig{
 		binary: cfg.Envoy, version: version, configPath: configPath, adminAddr: cfg.AdminAddr,
-		epoch: 0, baseID: m.baseID, drain: m.cfg.drainArgs(), extraArgs: cfg.ExtraArgs, stdout: cfg.Output,
+		epoch: 0, baseID: m.baseID, restartEpoch: 0, drain: m.cfg.drainArgs(), extraArgs: cfg.ExtraArgs, stdout: cfg.Output,
 	})
 	if err != nil {
 		return fail(err)
 	}
-	m.current = p
-	m.status = Status{Epoch: 0, Version: version, Binary: cfg.Envoy, PID: p.pid(), Started: p.started, Phase: PhaseStarting, BaseID: m.baseID}
+	m.mu.Lock()
+	m.current, m.admin = p, cfg.AdminAddr
+	m.status = Status{Epoch: 0, Version: version, Binary: cfg.Envoy, PID: p.pid(), AdminAddr: p.adminAddr, Started: p.started, Phase: PhaseStarting, BaseID: m.baseID}
+	m.persistLocked()
+	m.mu.Unlock()
 	m.watch(p)
 	rctx, cancel := context.WithTimeout(ctx, m.cfg.ReadyTimeout)
 	defer cancel()
@@ -215,11 +266,13 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		_ = p.stop(5 * time.Second)
 		m.wg.Wait()
 		_ = removeShm(m.baseID)
+		_ = os.Remove(filepath.Join(m.cfg.WorkDir, stateFileName))
 		return fail(fmt.Errorf("hotupgrade: %w", err))
 	}
 	m.mu.Lock()
 	m.status.HotRestartVersion = si.HotRestartVersion
 	m.status.Phase = PhaseServing
+	m.persistLocked()
 	m.mu.Unlock()
 	cfg.Logger.Info("envoy serving", "epoch", 0, "version", version, "pid", p.pid(), "admin", cfg.AdminAddr, "base_id", m.baseID)
 	return m, nil
@@ -274,12 +327,21 @@ func (m *Manager) watch(p *process) {
 	}()
 }
 
+// setPhase records the phase, and with it what runs, in the state file.
 func (m *Manager) setPhase(phase string) {
 	m.mu.Lock()
 	if !m.exitDone {
 		m.status.Phase = phase
 	}
+	m.persistLocked()
 	m.mu.Unlock()
+}
+
+// Bootstrap returns the bootstrap the serving Envoy runs.
+func (m *Manager) Bootstrap() []byte {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.bootstrap
 }
 
 // Status returns the current status.
@@ -314,6 +376,9 @@ func (m *Manager) Close() error {
 			if r != nil {
 				errs = append(errs, r.Close())
 			}
+		}
+		if err := os.Remove(filepath.Join(m.cfg.WorkDir, stateFileName)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
 		}
 		errs = append(errs, removeShm(m.baseID), m.cleanup())
 		m.closeEr = errors.Join(errs...)

@@ -42,6 +42,7 @@ type relay struct {
 	childAddr  *net.UnixAddr // the child's own socket
 	parentAddr *net.UnixAddr // the parent's own socket
 	udp        []*net.UnixConn
+	bound      [4]*net.UnixAddr // the names of childSide, parentSide and udp
 
 	// sendMu orders requests to the parent with fifo: the parent answers in the order it
 	// was asked, and each answer goes to whoever is first in fifo (nil: the child).
@@ -59,6 +60,10 @@ type relay struct {
 	pendingSince    time.Time
 	seen            []string
 	answered        int // requests answered in the gone parent's place
+	// adopted: when a restarted manager took the relay's sockets back. Replies the parent
+	// owed the dead manager may still come; the relay asks the parent nothing of its own
+	// until they have (see parentStats).
+	adopted time.Time
 
 	wg     sync.WaitGroup
 	closed chan struct{}
@@ -78,7 +83,37 @@ func hrAddr(path, role string, baseID, epoch int) *net.UnixAddr {
 	return &net.UnixAddr{Name: name, Net: "unixgram"}
 }
 
+// relayAddrs are the four sockets a relay binds between parent epoch parentEpoch and its
+// child: where the child sends, where the parent replies, and the two QUIC forwarding
+// sockets (udpToChild, udpToParent).
+func relayAddrs(baseID, parentEpoch int) [4]*net.UnixAddr {
+	pPath, cPath := socketPath(baseID, parentEpoch), socketPath(baseID, parentEpoch+1)
+	return [4]*net.UnixAddr{
+		hrAddr(cPath, "parent", baseID, parentEpoch),
+		hrAddr(pPath, "child", baseID, parentEpoch+1),
+		hrAddr(pPath+"_udp", "child", baseID, parentEpoch+1),
+		hrAddr(cPath+"_udp", "parent", baseID, parentEpoch),
+	}
+}
+
 func newRelay(baseID, parentEpoch int, log *slog.Logger, onRequest func(hrKind)) (*relay, error) {
+	var conns [4]*net.UnixConn
+	for i, a := range relayAddrs(baseID, parentEpoch) {
+		c, err := net.ListenUnixgram("unixgram", a)
+		if err != nil {
+			for _, c := range conns[:i] {
+				c.Close()
+			}
+			return nil, fmt.Errorf("hot-restart relay: bind %q: %w", strings.TrimRight(a.Name, "\x00"), err)
+		}
+		conns[i] = c
+	}
+	return startRelay(baseID, parentEpoch, log, onRequest, conns), nil
+}
+
+// startRelay runs a relay on its four sockets (bound now, or taken back from the Envoy that
+// inherited them, see adoptRelay).
+func startRelay(baseID, parentEpoch int, log *slog.Logger, onRequest func(hrKind), conns [4]*net.UnixConn) *relay {
 	pPath, cPath := socketPath(baseID, parentEpoch), socketPath(baseID, parentEpoch+1)
 	r := &relay{
 		parentEpoch: parentEpoch,
@@ -88,39 +123,47 @@ func newRelay(baseID, parentEpoch int, log *slog.Logger, onRequest func(hrKind))
 		parentAddr:  hrAddr(pPath, "parent", baseID, parentEpoch),
 		drainSent:   make(chan struct{}),
 		closed:      make(chan struct{}),
+		childSide:   conns[0],
+		parentSide:  conns[1],
+		bound:       relayAddrs(baseID, parentEpoch),
 	}
-	var err error
-	listen := func(a *net.UnixAddr) *net.UnixConn {
-		if err != nil {
-			return nil
-		}
-		var c *net.UnixConn
-		if c, err = net.ListenUnixgram("unixgram", a); err != nil {
-			err = fmt.Errorf("hot-restart relay: bind %q: %w", strings.TrimRight(a.Name, "\x00"), err)
-		}
-		return c
-	}
-	r.childSide = listen(hrAddr(cPath, "parent", baseID, parentEpoch))
-	r.parentSide = listen(hrAddr(pPath, "child", baseID, parentEpoch+1))
 	// The UDP pair carries QUIC packets the draining parent forwards to the child; pass them
 	// through as they are.
-	udpToChild := listen(hrAddr(pPath+"_udp", "child", baseID, parentEpoch+1))
-	udpToParent := listen(hrAddr(cPath+"_udp", "parent", baseID, parentEpoch))
-	if err != nil {
-		for _, c := range []*net.UnixConn{r.childSide, r.parentSide, udpToChild, udpToParent} {
-			if c != nil {
-				c.Close()
-			}
-		}
-		return nil, err
-	}
-	r.udp = []*net.UnixConn{udpToChild, udpToParent}
+	r.udp = []*net.UnixConn{conns[2], conns[3]}
 	r.wg.Add(4)
 	go r.fromChild()
 	go r.fromParent()
-	go r.pipe(udpToChild, hrAddr(cPath+"_udp", "child", baseID, parentEpoch+1))
-	go r.pipe(udpToParent, hrAddr(pPath+"_udp", "parent", baseID, parentEpoch))
-	return r, nil
+	go r.pipe(conns[2], hrAddr(cPath+"_udp", "child", baseID, parentEpoch+1))
+	go r.pipe(conns[3], hrAddr(pPath+"_udp", "parent", baseID, parentEpoch))
+	return r
+}
+
+// inherit returns copies of the relay's sockets for the child Envoy to inherit, so that the
+// sockets stay bound, and the Envoys' hot-restart calls wait in their queues instead of
+// failing, if the manager dies: a parent whose reply cannot be sent aborts (Envoy
+// RELEASE_ASSERTs after ten refused sendmsg), and so does a child. A manager started again
+// takes them back (adoptRelay). Call done once the child is started: starting a process puts
+// the shared socket into blocking mode, done puts it back.
+func (r *relay) inherit() (files []*os.File, done func()) {
+	conns := append([]*net.UnixConn{r.childSide, r.parentSide}, r.udp...)
+	for _, c := range conns {
+		f, err := c.File()
+		if err != nil {
+			r.log.Warn("hot-restart relay: socket not inherited by the new epoch", "error", err)
+			continue
+		}
+		files = append(files, f)
+	}
+	return files, func() {
+		for _, f := range files {
+			f.Close()
+		}
+		for _, c := range conns {
+			if rc, err := c.SyscallConn(); err == nil {
+				_ = rc.Control(func(fd uintptr) { _ = syscall.SetNonblock(int(fd), true) })
+			}
+		}
+	}
 }
 
 // startChild readies the relay for a new child (a first one, or a retry after a rollback).
@@ -239,12 +282,34 @@ func (r *relay) Close() error {
 	default:
 	}
 	close(r.closed)
+	conns := append([]*net.UnixConn{r.childSide, r.parentSide}, r.udp...)
+	// A reader may sit in a blocking recvmsg, out of reach of Close: the sockets are in
+	// blocking mode for a moment while a child is started (see inherit), and a read that
+	// began then blocks in the kernel until a datagram comes. Send each one an empty
+	// datagram; the reader sees r.closed and returns.
+	// (The names are dialed as bound, NUL padding included: LocalAddr cuts an abstract name
+	// at its first NUL.)
+	for _, a := range r.bound {
+		if w, err := net.DialUnix("unixgram", nil, a); err == nil {
+			_, _ = w.Write([]byte{0})
+			w.Close()
+		}
+	}
 	var errs []error
-	for _, c := range append([]*net.UnixConn{r.childSide, r.parentSide}, r.udp...) {
+	for _, c := range conns {
 		errs = append(errs, c.Close())
 	}
 	r.wg.Wait()
 	return errors.Join(errs...)
+}
+
+func (r *relay) isClosed() bool {
+	select {
+	case <-r.closed:
+		return true
+	default:
+		return false
+	}
 }
 
 func (r *relay) fromChild() {
@@ -254,7 +319,8 @@ func (r *relay) fromChild() {
 	rest, kind := 0, hrUnknown
 	for {
 		n, oobn, _, _, err := r.childSide.ReadMsgUnix(buf, oob)
-		if err != nil {
+		if err != nil || r.isClosed() {
+			closeFDs(oob[:oobn])
 			return
 		}
 		closeFDs(oob[:oobn]) // requests carry no file descriptors
@@ -335,7 +401,8 @@ func (r *relay) fromParent() {
 	var msg []byte
 	for {
 		n, oobn, _, _, err := r.parentSide.ReadMsgUnix(buf, oob)
-		if err != nil {
+		if err != nil || r.isClosed() {
+			closeFDs(oob[:oobn])
 			return
 		}
 		fds := parseFDs(oob[:oobn])
@@ -356,6 +423,9 @@ func (r *relay) fromParent() {
 			msg = msg[:0]
 		}
 		rest = max(rest-n, 0)
+		if n < hrChunk {
+			rest = 0 // a short datagram ends a message (resyncs a relay adopted mid-message)
+		}
 		if mine != nil {
 			msg = append(msg, buf[:n]...)
 			if rest == 0 {
@@ -405,10 +475,13 @@ var errParentGone = errors.New("the old Envoy is gone")
 // ask; those taken here do not reach the child.)
 func (r *relay) parentStats(ctx context.Context) (map[string]uint64, error) {
 	r.mu.Lock()
-	gone := r.parentGone
+	gone, adopted := r.parentGone, r.adopted
 	r.mu.Unlock()
 	if gone {
 		return nil, errParentGone
+	}
+	if !adopted.IsZero() && time.Since(adopted) < adoptQuiet {
+		return nil, errors.New("the relay was just taken over from a dead manager; answers it was owed may still come")
 	}
 	reply := make(chan []byte, 1)
 	if err := r.toParent(hrRequest(reqStats), true, reply); err != nil {
@@ -438,7 +511,8 @@ func (r *relay) pipe(c *net.UnixConn, dst *net.UnixAddr) {
 	oob := make([]byte, syscall.CmsgSpace(4*8))
 	for {
 		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
-		if err != nil {
+		if err != nil || r.isClosed() {
+			closeFDs(oob[:oobn])
 			return
 		}
 		closeFDs(oob[:oobn])

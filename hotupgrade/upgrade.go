@@ -13,11 +13,13 @@ import (
 )
 
 // An upgrade replaces the serving Envoy (epoch N) by epoch N+1 through Envoy's hot restart,
-// with the manager's relay on the hot-restart sockets (see relay). The sequence, as Envoy
-// 1.39/1.40 run it:
+// with the manager's relay on the hot-restart sockets (see relay), unless it hands off by
+// reuseport (handoff.go: version skew, or Handoff "reuseport"). The hot-restart sequence, as
+// Envoy 1.39/1.40 run it:
 //
 //  1. Precheck, nothing started yet: the new binary's --hot-restart-version must equal the
-//     running Envoy's (its admin /server_info, read when it became LIVE), and
+//     running Envoy's (its admin /server_info, read when it became LIVE; with Handoff "auto"
+//     a difference picks the reuseport hand-off instead), and
 //     `--mode validate` must accept the new bootstrap.
 //  2. Start epoch N+1: same --base-id and worker count, its own --socket-path. Its first
 //     request is ShutdownAdmin: epoch N closes its admin listener (for good) so that N+1
@@ -30,10 +32,10 @@ import (
 //     same sockets, so nothing queued is lost) and starts draining: each HTTP/1 response
 //     carries Connection: close, HTTP/2 connections get GOAWAY.
 //  5. The manager polls epoch N's TCP sockets (/proc) until it holds no listen socket and no
-//     connection on the listener ports, or its remaining connections have been idle HTTP
-//     connections for DrainIdle (no request in flight: its gauges, asked over the
-//     hot-restart socket since its admin is closed), or DrainTimeout passes; then it stops
-//     it (SIGTERM).
+//     connection on the listener ports, or DrainTimeout passes; then it stops it (SIGTERM).
+//     Connections that have been idle HTTP connections for DrainIdle (no request in flight:
+//     its gauges, asked over the hot-restart socket since its admin is closed) are closed
+//     on the way (see awaitDrained).
 //     Envoy's own --parent-shutdown-time-s timer has no say: the relay keeps N+1's Terminate.
 //
 // A failure before step 4 rolls back: epoch N+1 is stopped (gracefully if it was already
@@ -47,6 +49,9 @@ type UpgradeRequest struct {
 	Bootstrap []byte
 	// AdminAddr is the admin address the new bootstrap configures, if it changes.
 	AdminAddr string
+	// Handoff overrides Config.Handoff for this upgrade: HandoffAuto, HandoffHotRestart or
+	// HandoffReusePort.
+	Handoff string
 }
 
 // Outcomes of an upgrade.
@@ -58,18 +63,20 @@ const (
 
 // UpgradeResult describes one upgrade.
 type UpgradeResult struct {
-	Outcome     string    `json:"outcome"`
-	Error       string    `json:"error,omitempty"`
-	FromEpoch   int       `json:"from_epoch"`
-	ToEpoch     int       `json:"to_epoch"`
-	FromVersion string    `json:"from_version"`
-	ToVersion   string    `json:"to_version,omitempty"`
-	Started     time.Time `json:"started"`
-	PrecheckMS  int64     `json:"precheck_ms"`
-	HandoffMS   int64     `json:"handoff_ms"` // start of the new epoch until LIVE
-	ProbeMS     int64     `json:"probe_ms"`
-	DrainMS     int64     `json:"drain_ms"` // DrainListeners until the old epoch exited
-	TotalMS     int64     `json:"total_ms"`
+	Outcome     string `json:"outcome"`
+	Error       string `json:"error,omitempty"`
+	FromEpoch   int    `json:"from_epoch"`
+	ToEpoch     int    `json:"to_epoch"`
+	FromVersion string `json:"from_version"`
+	ToVersion   string `json:"to_version,omitempty"`
+	// Handoff is how the listeners were handed over: HandoffHotRestart or HandoffReusePort.
+	Handoff    string    `json:"handoff,omitempty"`
+	Started    time.Time `json:"started"`
+	PrecheckMS int64     `json:"precheck_ms"`
+	HandoffMS  int64     `json:"handoff_ms"` // start of the new epoch until LIVE
+	ProbeMS    int64     `json:"probe_ms"`
+	DrainMS    int64     `json:"drain_ms"` // DrainListeners until the old epoch exited
+	TotalMS    int64     `json:"total_ms"`
 	// OldConnections is how many connections the old epoch held when it was told to drain;
 	// OldStopped says why it was stopped.
 	OldConnections int    `json:"old_connections"`
@@ -131,7 +138,7 @@ func (m *Manager) upgrade(ctx context.Context, req UpgradeRequest) (res UpgradeR
 
 	start := time.Now()
 	m.mu.Lock()
-	old, bootstrap, hrVersion := m.current, m.bootstrap, m.status.HotRestartVersion
+	old, bootstrap, hrVersion, configured, adminClosed := m.current, m.bootstrap, m.status.HotRestartVersion, m.admin, m.status.AdminClosed
 	m.mu.Unlock()
 	res = UpgradeResult{FromEpoch: old.epoch, ToEpoch: old.epoch + 1, FromVersion: old.version, Started: start}
 	defer func() {
@@ -146,6 +153,9 @@ func (m *Manager) upgrade(ctx context.Context, req UpgradeRequest) (res UpgradeR
 	}()
 	reject := func(err error) (UpgradeResult, error) {
 		res.Outcome, res.Error = OutcomeRejected, err.Error()
+		m.mu.Lock()
+		m.ports, m.handoff = nil, ""
+		m.mu.Unlock()
 		m.setPhase(PhaseServing)
 		return res, fmt.Errorf("hotupgrade: upgrade to epoch %d rejected: %w", res.ToEpoch, err)
 	}
@@ -159,16 +169,32 @@ func (m *Manager) upgrade(ctx context.Context, req UpgradeRequest) (res UpgradeR
 		req.Bootstrap = bootstrap
 	}
 	if req.AdminAddr == "" {
-		req.AdminAddr = old.adminAddr
+		req.AdminAddr = configured
+	}
+	if req.Handoff == "" {
+		req.Handoff = m.cfg.Handoff
 	}
 	m.reapStandins()
 
 	// 1. Precheck.
 	m.setPhase(PhasePrechecking)
-	configPath, version, err := m.precheck(ctx, req, res.ToEpoch, hrVersion)
-	res.ToVersion, res.PrecheckMS = version, time.Since(start).Milliseconds()
+	ps, err := sockets(old.pid())
 	if err != nil {
 		return reject(err)
+	}
+	ports := ps.listenPorts
+	if _, p, err := net.SplitHostPort(old.adminAddr); err == nil {
+		n, _ := strconv.Atoi(p)
+		delete(ports, n)
+	}
+	pc, err := m.precheck(ctx, req, old, res.ToEpoch, hrVersion, adminClosed, ports)
+	res.ToVersion, res.Handoff, res.PrecheckMS = pc.version, pc.handoff, time.Since(start).Milliseconds()
+	if err != nil {
+		return reject(err)
+	}
+	configPath, version := pc.configPath, pc.version
+	if pc.handoff == HandoffReusePort {
+		return m.upgradeReusePort(ctx, req, old, pc, ports, res, reject)
 	}
 	r, err := m.relayFor(old)
 	if err != nil {
@@ -180,34 +206,32 @@ func (m *Manager) upgrade(ctx context.Context, req UpgradeRequest) (res UpgradeR
 	if err != nil {
 		return reject(err)
 	}
-	ps, err := sockets(old.pid())
-	if err != nil {
-		return reject(err)
-	}
-	ports := ps.listenPorts
-	if _, p, err := net.SplitHostPort(old.adminAddr); err == nil {
-		n, _ := strconv.Atoi(p)
-		delete(ports, n)
-	}
 	// A previous manager run, or an epoch that died in a way not seen here, may have left
 	// the flag; the serving epoch has cleared its own, and nothing else is starting.
-	if cleared, err := clearInitializing(m.baseID); err == nil && cleared {
+	if cleared, err := clearInitializing(old.baseID); err == nil && cleared {
 		res.ClearedInitializing = true
 	}
 
 	// 2. Start the next epoch and wait for it to be LIVE.
+	m.mu.Lock()
+	m.ports, m.handoff = ports, HandoffHotRestart
+	m.mu.Unlock()
 	m.setPhase(PhaseHandingOff)
 	hstart := time.Now()
+	inherit, inherited := r.inherit()
 	child, err := startProcess(processConfig{
 		binary: req.Binary, version: version, configPath: configPath, adminAddr: req.AdminAddr,
-		epoch: res.ToEpoch, baseID: m.baseID, drain: m.cfg.drainArgs(), extraArgs: m.cfg.ExtraArgs, stdout: m.cfg.Output,
+		epoch: res.ToEpoch, baseID: old.baseID, restartEpoch: old.restartEpoch + 1, drain: m.cfg.drainArgs(), extraArgs: m.cfg.ExtraArgs, stdout: m.cfg.Output,
+		inherit: inherit,
 	})
+	inherited()
 	if err != nil {
 		r.childExited()
 		return reject(err)
 	}
 	m.watch(child)
 	m.setChild(child)
+	m.persist()
 	hctx, hcancel := context.WithTimeout(ctx, m.cfg.HandoffTimeout)
 	si, err := waitLive(hctx, child)
 	hcancel()
@@ -240,20 +264,20 @@ func (m *Manager) upgrade(ctx context.Context, req UpgradeRequest) (res UpgradeR
 		return m.rollback(res, r, child, ports, true, ctx.Err())
 	}
 	m.mu.Lock()
-	m.current, m.bootstrap = child, req.Bootstrap
+	m.promoteLocked(child, old, req, si)
 	m.standins = append(m.standins, r)
 	m.relay = nil
-	m.status.Epoch, m.status.Version, m.status.Binary = child.epoch, child.version, child.binary
-	m.status.HotRestartVersion, m.status.PID, m.status.Started = si.HotRestartVersion, child.pid(), child.started
-	m.status.AdminClosed = false
 	m.mu.Unlock()
 
 	// 5. Stop the old epoch when its connections are gone.
 	m.setPhase(PhaseDraining)
-	res.OldConnections, res.OldStopped = m.awaitDrained(ctx, old, ports, relayIdle(r))
+	res.OldConnections, res.OldStopped = m.awaitDrained(ctx, old, ports, relayIdle(r), m.cfg.DrainTimeout)
 
 	_ = old.stop(5 * time.Second)
 	r.parentExited()
+	m.mu.Lock()
+	m.draining, m.ports, m.handoff = nil, nil, ""
+	m.mu.Unlock()
 	res.DrainMS = time.Since(dstart).Milliseconds()
 	if old.configPath != configPath {
 		_ = os.Remove(old.configPath)
@@ -263,32 +287,6 @@ func (m *Manager) upgrade(ctx context.Context, req UpgradeRequest) (res UpgradeR
 	return res, nil
 }
 
-func (m *Manager) precheck(ctx context.Context, req UpgradeRequest, epoch int, running string) (configPath, version string, err error) {
-	if err := checkBinary(req.Binary); err != nil {
-		return "", "", err
-	}
-	if _, _, err := net.SplitHostPort(req.AdminAddr); err != nil {
-		return "", "", fmt.Errorf("admin address %q: %w", req.AdminAddr, err)
-	}
-	if version, err = Version(ctx, req.Binary); err != nil {
-		return "", version, err
-	}
-	hrv, err := HotRestartVersion(ctx, req.Binary)
-	if err != nil {
-		return "", version, err
-	}
-	if hrv != running {
-		return "", version, fmt.Errorf("%w: %s has %q, the running Envoy %q", ErrIncompatible, req.Binary, hrv, running)
-	}
-	if configPath, err = m.writeBootstrap(epoch, req.Bootstrap); err != nil {
-		return "", version, err
-	}
-	if err := validateBootstrap(ctx, req.Binary, configPath); err != nil {
-		return "", version, err
-	}
-	return configPath, version, nil
-}
-
 // relayFor returns the relay whose parent is p, creating it on p's first upgrade.
 func (m *Manager) relayFor(p *process) (*relay, error) {
 	m.mu.Lock()
@@ -296,21 +294,26 @@ func (m *Manager) relayFor(p *process) (*relay, error) {
 	if m.relay != nil {
 		return m.relay, nil
 	}
-	var hook func(hrKind)
-	if h := m.cfg.hooks.relayRequest; h != nil {
-		hook = func(k hrKind) {
-			m.mu.Lock()
-			c := m.child
-			m.mu.Unlock()
-			h(c, k)
-		}
-	}
-	r, err := newRelay(m.baseID, p.epoch, m.cfg.Logger, hook)
+	r, err := newRelay(p.baseID, p.restartEpoch, m.cfg.Logger, m.relayHook())
 	if err != nil {
 		return nil, err
 	}
 	m.relay = r
 	return r, nil
+}
+
+// relayHook is the test hook for relays, nil outside tests.
+func (m *Manager) relayHook() func(hrKind) {
+	h := m.cfg.hooks.relayRequest
+	if h == nil {
+		return nil
+	}
+	return func(k hrKind) {
+		m.mu.Lock()
+		c := m.child
+		m.mu.Unlock()
+		h(c, k)
+	}
 }
 
 func (m *Manager) setChild(c *process) {
@@ -410,21 +413,24 @@ func relayIdle(r *relay) idleFunc {
 }
 
 // awaitDrained waits until p holds neither a listen socket nor a connection on ports (twice
-// in a row, 20 ms apart), or until its remaining connections have been idle HTTP
-// connections (no request in flight, see httpIdle) for DrainIdle, or DrainTimeout passes,
-// or ctx ends. It returns the connections p had at the start and why it stopped waiting.
+// in a row, 20 ms apart), or DrainTimeout passes, or ctx ends. It returns the connections p
+// had at the start and why it stopped waiting.
 //
 // Idle connections are closed rather than waited for: a client that keeps a connection
 // without using it never gets Envoy's Connection: close, and Envoy 1.40 leaves open the
 // connections it accepted in the same loop as its listener stop, after answering them with
-// Connection: close (a client reading to EOF waits on them until its timeout).
-func (m *Manager) awaitDrained(ctx context.Context, p *process, ports map[int]bool, idle idleFunc) (int, string) {
+// Connection: close (a client reading to EOF waits on them until its timeout). Once p's
+// remaining connections have been idle HTTP connections (no request in flight, see
+// httpIdle) for DrainIdle, those with nothing queued are shut down while p runs
+// (closeQuiet, see the package doc), and p's own close of them brings the count to zero.
+// Without the rights to do that, p is stopped with them.
+func (m *Manager) awaitDrained(ctx context.Context, p *process, ports map[int]bool, idle idleFunc, timeout time.Duration) (int, string) {
 	first, _, _ := downstream(p.pid(), ports)
-	deadline := time.NewTimer(m.cfg.DrainTimeout)
+	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
-	zero := 0
+	zero, closed := 0, 0
 	var idleSince, asked time.Time
 	for {
 		conns, listening, err := downstream(p.pid(), ports)
@@ -433,6 +439,9 @@ func (m *Manager) awaitDrained(ctx context.Context, p *process, ports map[int]bo
 			return first, fmt.Sprintf("exited (%v)", err)
 		case conns == 0 && !listening:
 			if zero++; zero == 2 {
+				if closed > 0 {
+					return first, fmt.Sprintf("connections reached zero (%d idle ones closed after %s)", closed, m.cfg.DrainIdle)
+				}
 				return first, "connections reached zero"
 			}
 		case !listening && idle != nil && time.Since(asked) >= 100*time.Millisecond:
@@ -446,7 +455,14 @@ func (m *Manager) awaitDrained(ctx context.Context, p *process, ports map[int]bo
 			case idleSince.IsZero():
 				idleSince = asked
 			case asked.Sub(idleSince) >= m.cfg.DrainIdle:
-				return first, fmt.Sprintf("%d connections idle (no request in flight) for %s", conns, m.cfg.DrainIdle)
+				// Close the idle connections while Envoy runs, rather than kill it with
+				// them: see closeQuiet and the package doc (idle keep-alive connections).
+				n, err := closeQuiet(p.pid(), ports)
+				if err != nil {
+					m.cfg.Logger.Warn("hotupgrade: close the old Envoy's idle connections; stopping it with them", "epoch", p.epoch, "error", err)
+					return first, fmt.Sprintf("%d connections idle (no request in flight) for %s", conns, m.cfg.DrainIdle)
+				}
+				closed += n
 			}
 		default:
 			zero = 0
@@ -466,8 +482,9 @@ func (m *Manager) awaitDrained(ctx context.Context, p *process, ports map[int]bo
 // rollback stops a failed new epoch; the old one keeps serving.
 func (m *Manager) rollback(res UpgradeResult, r *relay, child *process, ports map[int]bool, accepting bool, cause error) (UpgradeResult, error) {
 	m.setPhase(PhaseRollingBack)
-	// A child that sent DrainListeners has started its workers, LIVE seen or not.
-	accepting = accepting || r.saw(reqDrainListeners)
+	// A child that sent DrainListeners has started its workers, LIVE seen or not; one that
+	// hands off by reuseport accepts once it listens on the ports.
+	accepting = accepting || r != nil && r.saw(reqDrainListeners) || r == nil && listening(child.pid(), ports)
 	if accepting && child.alive() {
 		// The child shares the listen sockets with the parent, which never got
 		// DrainListeners. Stop the child's listeners (the parent keeps the sockets and their
@@ -478,7 +495,7 @@ func (m *Manager) rollback(res UpgradeResult, r *relay, child *process, ports ma
 		if err := errors.Join(err1, err2); err != nil {
 			m.cfg.Logger.Warn("rollback: drain the new epoch", "epoch", child.epoch, "error", err)
 		}
-		m.awaitDrained(ctx, child, ports, adminIdle(child.adminAddr))
+		m.awaitDrained(ctx, child, ports, adminIdle(child.adminAddr), m.cfg.DrainTimeout)
 		cancel()
 	}
 	// A child that never accepted holds nothing worth a grace period, and one wedged in a
@@ -488,16 +505,24 @@ func (m *Manager) rollback(res UpgradeResult, r *relay, child *process, ports ma
 		grace = 5 * time.Second
 	}
 	_ = child.stop(grace)
-	r.childExited()
+	if r != nil {
+		r.childExited()
+	}
 	m.mu.Lock()
-	m.child = nil
+	m.child, m.ports, m.handoff = nil, nil, ""
+	base := m.baseID
 	m.mu.Unlock()
-	if cleared, err := clearInitializing(m.baseID); err != nil {
+	if child.baseID != base {
+		// A reuseport hand-off's Envoy had shared memory of its own.
+		if err := removeShm(child.baseID); err != nil {
+			m.cfg.Logger.Warn("rollback: remove the new Envoy's shared memory", "error", err)
+		}
+	} else if cleared, err := clearInitializing(base); err != nil {
 		m.cfg.Logger.Warn("rollback: clear the hot-restart initializing flag", "error", err)
 	} else if cleared {
 		res.ClearedInitializing = true
 	}
-	if r.saw(reqShutdownAdmin) {
+	if r != nil && r.saw(reqShutdownAdmin) {
 		m.mu.Lock()
 		m.status.AdminClosed = true
 		m.mu.Unlock()
@@ -519,4 +544,5 @@ func (m *Manager) record(res UpgradeResult) {
 		m.status.Rejected++
 	}
 	m.status.Last = &res
+	m.persistLocked()
 }

@@ -24,19 +24,26 @@ type fixture struct {
 	listen  string
 	backend string
 	deps    testenv.Deps
+	mk      func(admin, listen, backend, tag string) []byte
 }
 
 func (f *fixture) bootstrap(tag string) []byte {
-	return staticBootstrap(f.admin, f.listen, f.backend, tag)
+	return f.mk(f.admin, f.listen, f.backend, tag)
 }
 
 func newFixture(t testing.TB, binary string, mutate func(*Config)) *fixture {
+	t.Helper()
+	return newFixtureWith(t, binary, startBackend(t), staticBootstrap, mutate)
+}
+
+// newFixtureWith runs a bootstrap of mk's making in front of backend.
+func newFixtureWith(t testing.TB, binary, backend string, mk func(admin, listen, backend, tag string) []byte, mutate func(*Config)) *fixture {
 	t.Helper()
 	deps := testenv.RequireDeps(t)
 	if binary == "" {
 		binary = deps.Envoy
 	}
-	f := &fixture{admin: freeAddr(t), listen: freeAddr(t), backend: startBackend(t), deps: deps}
+	f := &fixture{admin: freeAddr(t), listen: freeAddr(t), backend: backend, deps: deps, mk: mk}
 	cfg := Config{
 		Envoy: binary, Bootstrap: f.bootstrap("v0"), AdminAddr: f.admin,
 		ExtraArgs: []string{"--concurrency", "2", "--log-level", "warn"},
@@ -159,7 +166,7 @@ func TestFailedUpgradesKeepTheOldEnvoyServing(t *testing.T) {
 	// Rejected before anything starts.
 	f.expectFailure(t, UpgradeRequest{Bootstrap: []byte(`{"static_resources": {"clusters": [{"name": 7}]}}`)}, OutcomeRejected, "--mode validate")
 	other := script(t, "envoy-other", `[ "$1" = --hot-restart-version ] && { printf 99.1; exit 0; }; exec `+f.deps.Envoy+` "$@"`)
-	res := f.expectFailure(t, UpgradeRequest{Binary: other}, OutcomeRejected, "hot-restart versions differ")
+	res := f.expectFailure(t, UpgradeRequest{Binary: other, Handoff: HandoffHotRestart}, OutcomeRejected, "hot-restart versions differ")
 	if res.HandoffMS != 0 {
 		t.Errorf("a rejected upgrade started Envoy: %+v", res)
 	}

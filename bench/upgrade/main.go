@@ -8,6 +8,12 @@
 //
 //	bench-upgrade: upgrades=<n> failed=<n> p99_delta_ms=<n> skew_upgrades=<n> skew_failed=<n>
 //
+// The scenario upgrades use Envoy's hot restart. The skew upgrades use the reuseport hand-off
+// that version skew needs (-skew-handoff; the two installed releases share a hot-restart
+// version, so "auto" would hot-restart between them): each new Envoy runs on its own next to
+// the old one, on the same ports with SO_REUSEPORT. Each part says which hand-off it used,
+// as the upgrade results report it.
+//
 // The components come from `make deps` (internal/testenv). It exits 1 if a request failed.
 package main
 
@@ -25,6 +31,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -41,6 +48,7 @@ type args struct {
 	baseline               time.Duration
 	scenarios              string
 	dir                    string
+	skewHandoff            string
 }
 
 func main() {
@@ -52,6 +60,7 @@ func main() {
 	flag.DurationVar(&a.baseline, "baseline", time.Minute, "baseline run without upgrades, per scenario")
 	flag.StringVar(&a.scenarios, "scenarios", "http1-keepalive,http1-close,http2,grpc", "scenarios to run")
 	flag.StringVar(&a.dir, "dir", "", "directory for logs and results (default: a temp dir, kept)")
+	flag.StringVar(&a.skewHandoff, "skew-handoff", hotupgrade.HandoffReusePort, "hand-off of the skew upgrades: reuseport (as across hot-restart versions), auto or hotrestart")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -86,6 +95,7 @@ type bench struct {
 	grpcBackend    string
 	listenHTTP     string
 	tag            int
+	handoffs       map[string]int // upgrades per hand-off used, for the part running now
 }
 
 func run(ctx context.Context, a args) (bool, error) {
@@ -143,9 +153,10 @@ func run(ctx context.Context, a args) (bool, error) {
 			return false, err
 		}
 		n := 0
+		b.handoffs = map[string]int{}
 		up, err := b.fortio(ctx, sc, "upgrades", func() error {
 			for ; n < a.upgrades; n++ {
-				if err := b.upgrade(ctx, ""); err != nil {
+				if err := b.upgrade(ctx, "", hotupgrade.HandoffHotRestart); err != nil {
 					return err
 				}
 			}
@@ -157,7 +168,7 @@ func run(ctx context.Context, a args) (bool, error) {
 		}
 		failed += base.failed + up.failed
 		p99Delta = math.Max(p99Delta, up.p99-base.p99)
-		fmt.Printf("%-16s baseline %s\n%-16s %3d upgr. %s\n", sc, base, sc, n, up)
+		fmt.Printf("%-16s baseline %s\n%-16s %3d upgr. %s handoff=%s\n", sc, base, sc, n, up, handoffsUsed(b.handoffs))
 	}
 
 	// Version skew: all scenarios at once, alternating the old and the current Envoy.
@@ -178,12 +189,13 @@ func run(ctx context.Context, a args) (bool, error) {
 	go func() { time.Sleep(time.Second); close(started) }()
 	<-started
 	var skewErr error
+	b.handoffs = map[string]int{}
 	for ; skew < a.skewUpgrades; skew++ {
 		bin := deps.EnvoyOld
 		if skew%2 == 1 {
 			bin = deps.Envoy
 		}
-		if skewErr = b.upgrade(ctx, bin); skewErr != nil {
+		if skewErr = b.upgrade(ctx, bin, a.skewHandoff); skewErr != nil {
 			break
 		}
 	}
@@ -194,7 +206,7 @@ func run(ctx context.Context, a args) (bool, error) {
 	}
 	for i, sc := range scenarios {
 		skewFailed += results[i].failed
-		fmt.Printf("%-16s %3d skew   %s\n", sc, skew, results[i])
+		fmt.Printf("%-16s %3d skew   %s handoff=%s\n", sc, skew, results[i], handoffsUsed(b.handoffs))
 	}
 	st := b.m.Status()
 	fmt.Printf("final: epoch %d, Envoy %s, %d upgrades, %d rollbacks, %d rejected\n", st.Epoch, st.Version, st.Upgrades, st.Rollbacks, st.Rejected)
@@ -203,13 +215,14 @@ func run(ctx context.Context, a args) (bool, error) {
 	return failed+skewFailed > 0, nil
 }
 
-// upgrade runs one upgrade to a new bootstrap (and binary, if set).
-func (b *bench) upgrade(ctx context.Context, binary string) error {
+// upgrade runs one upgrade to a new bootstrap (and binary, if set) with the given hand-off.
+func (b *bench) upgrade(ctx context.Context, binary, handoff string) error {
 	b.tag++
-	res, err := b.m.Upgrade(ctx, hotupgrade.UpgradeRequest{Binary: binary, Bootstrap: b.bootstrapTagged(b.tag)})
+	res, err := b.m.Upgrade(ctx, hotupgrade.UpgradeRequest{Binary: binary, Bootstrap: b.bootstrapTagged(b.tag), Handoff: handoff})
 	if err != nil {
 		return fmt.Errorf("upgrade %d: %w", b.tag, err)
 	}
+	b.handoffs[res.Handoff]++
 	if strings.HasPrefix(res.OldStopped, "drain timeout") || strings.HasPrefix(res.OldStopped, "exited") {
 		b.log.Warn("old epoch not drained", "epoch", res.FromEpoch, "why", res.OldStopped)
 	}
@@ -348,6 +361,27 @@ func (b *bench) bootstrapTagged(tag int) []byte {
 	return []byte(fmt.Sprintf("admin: {address: {socket_address: {address: %s, port_value: %s}}}\nstatic_resources:\n  listeners:\n%s%s  clusters:\n%s%s",
 		ah, ap, listener("http", lh, lp, "fortio_http"), listener("grpc", gh, gp, "fortio_grpc"),
 		cluster("fortio_http", bh, bp, false), cluster("fortio_grpc", gbh, gbp, true)))
+}
+
+// handoffsUsed says which hand-offs a part's upgrades used, e.g. "reuseport" or
+// "hotrestart:3,reuseport:97".
+func handoffsUsed(used map[string]int) string {
+	var names []string
+	for h := range used {
+		names = append(names, h)
+	}
+	sort.Strings(names)
+	if len(names) == 1 {
+		return names[0]
+	}
+	var parts []string
+	for _, h := range names {
+		parts = append(parts, fmt.Sprintf("%s:%d", h, used[h]))
+	}
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, ",")
 }
 
 func freePorts(n int) ([]int, error) {

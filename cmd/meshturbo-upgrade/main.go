@@ -6,17 +6,37 @@
 //
 //   - SIGHUP: the -envoy binary and the bootstrap are read again (the -bootstrap file, or the
 //     one generated from the flags), so replacing either file and sending SIGHUP upgrades;
-//   - POST /v1/upgrade on the admin API with {"binary": ..., "bootstrap_path": ...}.
+//   - POST /v1/upgrade on the admin API with {"binary": ..., "bootstrap_path": ...,
+//     "handoff": ...} (handoff overrides -handoff for that upgrade);
+//   - a changed -envoy binary or -bootstrap file, polled every -watch-interval (a file
+//     renamed over, or swapped behind a symbolic link as in a Kubernetes ConfigMap volume).
 //
-// GET /v1/upgrade reports the epoch, versions, phase and the last upgrade's result.
+// SIGHUP and file changes share one queue: a trigger while an upgrade runs queues exactly
+// one more, which reads the files when it starts.
+//
+// With -work-dir set, a meshturbo-upgrade that dies (even SIGKILL, mid-upgrade) leaves
+// Envoy serving, and the next one started on the same -work-dir adopts it and finishes or
+// rolls back the interrupted upgrade (see package hotupgrade). SIGTERM stops Envoy.
+//
+// -handoff chooses how the listeners move to the new Envoy: Envoy's hot restart, or (when the
+// two binaries' hot-restart versions differ, or always with -handoff reuseport) a second,
+// independent Envoy bound to the same ports with SO_REUSEPORT while the old one stops
+// accepting, with net.ipv4.tcp_migrate_req=1 so nothing queued is lost. The new Envoy's
+// admin then listens on -handoff-admin until the next reuseport hand-off moves it back.
+//
+// GET /v1/upgrade reports the epoch, versions, phase, admin address and the last upgrade's
+// result, which names the hand-off used.
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -36,6 +56,7 @@ type args struct {
 	istiod       string
 	envoyAdmin   string
 	adminAddr    string
+	tokenFile    string
 	ip           string
 	pod          string
 	namespace    string
@@ -47,6 +68,10 @@ type args struct {
 	serviceAcct  string
 	bootstrap    string
 	drainTimeout time.Duration
+	probeURL     string
+	watchEvery   time.Duration
+	handoff      string
+	handoffAdmin string
 }
 
 func main() {
@@ -54,7 +79,8 @@ func main() {
 	flag.StringVar(&a.envoy, "envoy", "envoy", "path of the envoy binary")
 	flag.StringVar(&a.istiod, "istiod", "127.0.0.1:15010", "istiod plaintext xDS address")
 	flag.StringVar(&a.envoyAdmin, "envoy-admin", "127.0.0.1:15000", "Envoy admin address (loopback)")
-	flag.StringVar(&a.adminAddr, "admin", "127.0.0.1:15052", "meshturbo-upgrade admin API address (loopback)")
+	flag.StringVar(&a.adminAddr, "admin", "127.0.0.1:15052", "meshturbo-upgrade admin API address: loopback host:port or unix:///path; elsewhere it needs -admin-token-file")
+	flag.StringVar(&a.tokenFile, "admin-token-file", "", "file with the admin API bearer token")
 	flag.StringVar(&a.ip, "ip", "127.0.0.1", "workload IP")
 	flag.StringVar(&a.pod, "pod", "client", "pod name")
 	flag.StringVar(&a.namespace, "namespace", "default", "pod namespace")
@@ -66,6 +92,10 @@ func main() {
 	flag.StringVar(&a.serviceAcct, "service-account", "default", "service account in the workload's SPIFFE id")
 	flag.StringVar(&a.bootstrap, "bootstrap", "", "Envoy bootstrap file to run instead of the generated sidecar bootstrap (read again on SIGHUP)")
 	flag.DurationVar(&a.drainTimeout, "drain-timeout", time.Minute, "on an upgrade, how long the old Envoy may keep connections before it is stopped")
+	flag.StringVar(&a.probeURL, "probe-url", "", "on an upgrade, the new Envoy must answer a GET of this URL with 2xx before the old one drains (e.g. a route through its listener)")
+	flag.StringVar(&a.handoff, "handoff", hotupgrade.HandoffAuto, "how an upgrade hands the listeners over: auto (Envoy's hot restart when the hot-restart versions match, reuseport otherwise), hotrestart, or reuseport (a second Envoy on the same ports with SO_REUSEPORT; sets net.ipv4.tcp_migrate_req=1)")
+	flag.StringVar(&a.handoffAdmin, "handoff-admin", "", "Envoy admin address for an Envoy started by a reuseport hand-off while the old one holds -envoy-admin (default: a free port on its host; GET /v1/upgrade shows it as admin_addr)")
+	flag.DurationVar(&a.watchEvery, "watch-interval", 2*time.Second, "how often to check the -envoy binary and -bootstrap file for changes, which start an upgrade (0: never)")
 	flag.Parse()
 
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -104,6 +134,8 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		}
 		a.workDir = dir
 		defer os.RemoveAll(dir)
+	} else if err := os.MkdirAll(a.workDir, 0o700); err != nil {
+		return fmt.Errorf("-work-dir: %w", err)
 	}
 	var ca *hotupgrade.CA
 	if a.caDir != "" {
@@ -153,13 +185,47 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		Output:       os.Stderr,
 		Logger:       log,
 		DrainTimeout: a.drainTimeout,
+		Probe:        httpProbe(a.probeURL),
+
+		Handoff:          a.handoff,
+		HandoffAdminAddr: a.handoffAdmin,
 	})
 	if err != nil {
 		return err
 	}
 	defer func() { err = errors.Join(err, m.Close()) }()
 
-	adm, err := admin.New(admin.Config{Addr: a.adminAddr, Logger: log})
+	// Every trigger but the admin API goes through one queue.
+	trigger := hotupgrade.NewTrigger(func(ctx context.Context, reason string) {
+		bs, err := readBootstrap()
+		if err != nil {
+			log.Error("no upgrade: read the bootstrap", "trigger", reason, "error", err)
+			return
+		}
+		log.Info("upgrade", "trigger", reason)
+		// Upgrade waits for one started over the admin API; it logs its outcome.
+		_, _ = m.Upgrade(ctx, hotupgrade.UpgradeRequest{Binary: a.envoy, Bootstrap: bs})
+	})
+	defer func() { err = errors.Join(err, trigger.Close()) }()
+	if a.watchEvery > 0 {
+		paths := []string{a.envoy}
+		if a.bootstrap != "" {
+			paths = append(paths, a.bootstrap)
+		}
+		w, err := hotupgrade.NewFileWatcher(hotupgrade.WatchConfig{Paths: paths, Interval: a.watchEvery, Logger: log,
+			OnChange: func(path string) { trigger.Kick("changed " + path) }})
+		if err != nil {
+			return err
+		}
+		defer func() { err = errors.Join(err, w.Close()) }()
+		// The bootstrap may have changed before the watcher looked (or while an adopted
+		// Envoy ran without a manager).
+		if bs, err := readBootstrap(); err == nil && !bytes.Equal(bs, m.Bootstrap()) {
+			trigger.Kick("bootstrap differs from the running one")
+		}
+	}
+
+	adm, err := admin.New(admin.Config{Addr: a.adminAddr, TokenFile: a.tokenFile, Name: "meshturbo-upgrade", Logger: log})
 	if err != nil {
 		return err
 	}
@@ -181,13 +247,33 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		case <-m.Exited():
 			return errors.New("envoy exited on its own; see its log above")
 		case <-hup:
-			bs, err := readBootstrap()
-			if err != nil {
-				log.Error("SIGHUP: no upgrade", "error", err)
-				continue
-			}
-			// Upgrade waits for one started over the admin API; it logs its outcome.
-			_, _ = m.Upgrade(ctx, hotupgrade.UpgradeRequest{Binary: a.envoy, Bootstrap: bs})
+			trigger.Kick("SIGHUP")
 		}
+	}
+}
+
+// httpProbe checks that a GET of url answers 2xx; nil for no url.
+func httpProbe(url string) func(ctx context.Context) error {
+	if url == "" {
+		return nil
+	}
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	return func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return err
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return fmt.Errorf("probe %s: %w", url, err)
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
+		if resp.StatusCode/100 != 2 {
+			return fmt.Errorf("probe %s: status %d", url, resp.StatusCode)
+		}
+		return nil
 	}
 }

@@ -10,6 +10,7 @@ import (
 type collector struct {
 	m                                                         *hotupgrade.Manager
 	epoch, upgrades, rollbacks, rejected, lastTotal, envoyVer *prometheus.Desc
+	lastHandoff                                               *prometheus.Desc
 }
 
 func newCollector(m *hotupgrade.Manager) *collector {
@@ -21,11 +22,13 @@ func newCollector(m *hotupgrade.Manager) *collector {
 		rejected:  prometheus.NewDesc("meshturbo_upgrade_rejected_total", "Upgrades rejected by the precheck.", nil, nil),
 		lastTotal: prometheus.NewDesc("meshturbo_upgrade_last_duration_seconds", "Duration of the last upgrade, start to old Envoy stopped.", []string{"outcome"}, nil),
 		envoyVer:  prometheus.NewDesc("meshturbo_upgrade_envoy_info", "The serving Envoy (value 1).", []string{"version", "phase"}, nil),
+		lastHandoff: prometheus.NewDesc("meshturbo_upgrade_last_handoff_info",
+			"How the last upgrade handed the listeners over: hotrestart or reuseport (value 1).", []string{"handoff"}, nil),
 	}
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.epoch, c.upgrades, c.rollbacks, c.rejected, c.lastTotal, c.envoyVer} {
+	for _, d := range []*prometheus.Desc{c.epoch, c.upgrades, c.rollbacks, c.rejected, c.lastTotal, c.envoyVer, c.lastHandoff} {
 		ch <- d
 	}
 }
@@ -39,5 +42,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.envoyVer, prometheus.GaugeValue, 1, s.Version, s.Phase)
 	if s.Last != nil {
 		ch <- prometheus.MustNewConstMetric(c.lastTotal, prometheus.GaugeValue, float64(s.Last.TotalMS)/1000, s.Last.Outcome)
+		if s.Last.Handoff != "" {
+			ch <- prometheus.MustNewConstMetric(c.lastHandoff, prometheus.GaugeValue, 1, s.Last.Handoff)
+		}
 	}
 }

@@ -1,0 +1,351 @@
+package hotupgrade
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Hand-off modes (Config.Handoff, UpgradeRequest.Handoff).
+const (
+	// HandoffAuto hot-restarts when the hot-restart versions of the running and the new
+	// binary are equal, and hands off by reuseport otherwise.
+	HandoffAuto = "auto"
+	// HandoffHotRestart passes the listen sockets through Envoy's hot restart (upgrade.go).
+	HandoffHotRestart = "hotrestart"
+	// HandoffReusePort starts the new Envoy on its own next to the old one (below).
+	HandoffReusePort = "reuseport"
+)
+
+// The reuseport hand-off needs nothing from Envoy's hot restart, so it also works between
+// binaries whose hot-restart versions differ (Envoy refuses to hot-restart across them),
+// upgrades and downgrades alike:
+//
+//  1. Precheck: `--mode validate` of the new bootstrap; every listen socket of the running
+//     Envoy has SO_REUSEPORT (Envoy's listeners set it unless enable_reuse_port is false);
+//     its admin answers (the manager drains it through its admin); and
+//     net.ipv4.tcp_migrate_req is 1 in the pod's network namespace (the manager sets it,
+//     see enableMigrateReq).
+//  2. The new Envoy starts as an independent process: a base id of its own (its own
+//     hot-restart shared memory and sockets, --restart-epoch 0). It binds the same listener
+//     addresses; with SO_REUSEPORT on both sides the kernel spreads new connections over the
+//     listen sockets of both Envoys from then on. The admin address cannot be shared (Envoy
+//     does not set SO_REUSEPORT on it): when the old Envoy holds the configured one, the new
+//     Envoy's admin binds Config.HandoffAdminAddr (or a free port) instead (--config-yaml
+//     over the bootstrap), and the next reuseport hand-off moves it back; Status.AdminAddr
+//     says where it is. A hot restart from there binds the configured address again.
+//  3. The manager waits for the new Envoy to be LIVE and runs the probe; until then the old
+//     Envoy serves as before, and a failure rolls back: the new Envoy's listeners are
+//     stopped (its accept queues migrate to the old Envoy's sockets), its connections are
+//     drained, it is stopped.
+//  4. The old Envoy stops accepting: POST /drain_listeners closes its listen sockets. With
+//     tcp_migrate_req=1 the kernel moves the connections waiting in their accept queues
+//     (and half-open ones) to the new Envoy's sockets of the same reuseport group instead of
+//     resetting them. Then POST /drain_listeners?graceful starts Envoy's drain sequence on
+//     the old Envoy's connections (HTTP/1 Connection: close, HTTP/2 GOAWAY).
+//  5. As for a hot restart, the old Envoy is stopped when its connections reach zero (idle
+//     ones are closed after DrainIdle, see awaitDrained) or DrainTimeout passes, and its
+//     shared memory is removed.
+//
+// Stats do not carry over (they do through a hot restart): the new Envoy's counters start
+// at zero.
+
+// precheckResult is what the precheck decided.
+type precheckResult struct {
+	configPath, version string
+	handoff             string // HandoffHotRestart or HandoffReusePort
+	adminOverride       string // reuseport: the new Envoy's admin address, if not the configured one
+}
+
+func (m *Manager) precheck(ctx context.Context, req UpgradeRequest, old *process, epoch int, running string, adminClosed bool, ports map[int]bool) (precheckResult, error) {
+	var pc precheckResult
+	switch req.Handoff {
+	case HandoffAuto, HandoffHotRestart, HandoffReusePort:
+	default:
+		return pc, fmt.Errorf("hand-off %q is not %s, %s or %s", req.Handoff, HandoffAuto, HandoffHotRestart, HandoffReusePort)
+	}
+	if err := checkBinary(req.Binary); err != nil {
+		return pc, err
+	}
+	if _, _, err := net.SplitHostPort(req.AdminAddr); err != nil {
+		return pc, fmt.Errorf("admin address %q: %w", req.AdminAddr, err)
+	}
+	var err error
+	if pc.version, err = Version(ctx, req.Binary); err != nil {
+		return pc, err
+	}
+	hrv, err := HotRestartVersion(ctx, req.Binary)
+	if err != nil {
+		return pc, err
+	}
+	switch {
+	case req.Handoff == HandoffReusePort, req.Handoff == HandoffAuto && hrv != running:
+		pc.handoff = HandoffReusePort
+	case hrv != running:
+		return pc, fmt.Errorf("%w: %s has %q, the running Envoy %q (hand off with %q or %q instead)",
+			ErrIncompatible, req.Binary, hrv, running, HandoffReusePort, HandoffAuto)
+	default:
+		pc.handoff = HandoffHotRestart
+	}
+	if pc.handoff == HandoffReusePort {
+		if adminClosed {
+			return pc, fmt.Errorf("the running Envoy's admin listener is closed (a hot-restart hand-off to it was rolled back), and the %s hand-off drains it through its admin: upgrade with hand-off %q first", HandoffReusePort, HandoffHotRestart)
+		}
+		if err := checkReusePort(old.pid(), ports); err != nil {
+			return pc, err
+		}
+		if req.AdminAddr == old.adminAddr {
+			if pc.adminOverride, err = m.handoffAdmin(old.adminAddr); err != nil {
+				return pc, err
+			}
+		}
+		if err := enableMigrateReq(m.cfg.Logger.Info); err != nil {
+			return pc, err
+		}
+	}
+	if pc.configPath, err = m.writeBootstrap(epoch, req.Bootstrap); err != nil {
+		return pc, err
+	}
+	if err := validateBootstrap(ctx, req.Binary, pc.configPath, pc.adminOverride); err != nil {
+		return pc, err
+	}
+	return pc, nil
+}
+
+// handoffAdmin picks the admin address of an Envoy started next to one whose admin is on
+// taken.
+func (m *Manager) handoffAdmin(taken string) (string, error) {
+	if a := m.cfg.HandoffAdminAddr; a != "" && a != taken {
+		return a, nil
+	}
+	host, _, _ := net.SplitHostPort(taken)
+	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+	if err != nil {
+		return "", fmt.Errorf("find a free admin port on %s for the new Envoy (or set HandoffAdminAddr): %w", host, err)
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+const migrateReqPath = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+// enableMigrateReq sets net.ipv4.tcp_migrate_req to 1 in the manager's network namespace
+// (the pod's, which Envoy shares): when a listen socket of a SO_REUSEPORT group is closed,
+// the kernel then moves the connections in its accept queue, and the half-open ones, to
+// another socket of the group instead of resetting them (Linux 5.14+). The manager leaves
+// it set: the setting changes nothing but what happens to such queued connections, and
+// putting 0 back could reset the queue of a hand-off another manager in the same network
+// namespace runs at that moment. logf reports a change.
+func enableMigrateReq(logf func(msg string, args ...any)) error {
+	b, err := os.ReadFile(migrateReqPath)
+	if err != nil {
+		return fmt.Errorf("read %s: %w (the reuseport hand-off needs Linux 5.14+ for net.ipv4.tcp_migrate_req)", migrateReqPath, err)
+	}
+	was := strings.TrimSpace(string(b))
+	if was == "1" {
+		return nil
+	}
+	if err := os.WriteFile(migrateReqPath, []byte("1"), 0o644); err != nil {
+		return fmt.Errorf("set net.ipv4.tcp_migrate_req=1 (it is %s): %w; without it connections queued on the old Envoy's listeners are reset when it stops accepting. Run the manager with CAP_NET_ADMIN in the pod's network namespace, or set the sysctl for the pod (securityContext.sysctls, after allowing it in the kubelet's --allowed-unsafe-sysctls)", was, err)
+	}
+	logf("hotupgrade: set net.ipv4.tcp_migrate_req=1 for reuseport hand-offs (left set)", "was", was)
+	return nil
+}
+
+// checkReusePort checks that every listen socket process pid holds on ports has
+// SO_REUSEPORT, so that a second Envoy can bind the same addresses. It reads the option
+// through copies of the sockets (pidfd_getfd: root or CAP_SYS_PTRACE).
+func checkReusePort(pid int, ports map[int]bool) error {
+	if len(ports) == 0 {
+		return nil
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return fmt.Errorf("check the running Envoy's listeners for SO_REUSEPORT: pidfd_open %d: %w", pid, err)
+	}
+	defer unix.Close(pidfd)
+	dir := filepath.Join("/proc", strconv.Itoa(pid), "fd")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("check the running Envoy's listeners for SO_REUSEPORT: %w", err)
+	}
+	var without []int
+	for _, e := range ents {
+		link, err := os.Readlink(filepath.Join(dir, e.Name()))
+		target, aerr := strconv.Atoi(e.Name())
+		if err != nil || aerr != nil || !strings.HasPrefix(link, "socket:") {
+			continue
+		}
+		fd, err := unix.PidfdGetfd(pidfd, target, 0)
+		if errors.Is(err, unix.EBADF) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("check the running Envoy's listeners for SO_REUSEPORT: pidfd_getfd: %w (the manager needs ptrace rights over Envoy: root or CAP_SYS_PTRACE)", err)
+		}
+		acc, err1 := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+		reuse, err2 := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT)
+		sa, err3 := unix.Getsockname(fd)
+		unix.Close(fd)
+		if err1 != nil || err2 != nil || err3 != nil || acc == 0 {
+			continue
+		}
+		var port int
+		switch a := sa.(type) {
+		case *unix.SockaddrInet4:
+			port = a.Port
+		case *unix.SockaddrInet6:
+			port = a.Port
+		}
+		if ports[port] && reuse == 0 && !slices.Contains(without, port) {
+			without = append(without, port)
+		}
+	}
+	if len(without) > 0 {
+		slices.Sort(without)
+		return fmt.Errorf("the running Envoy's listeners on ports %v do not set SO_REUSEPORT, so a second Envoy cannot bind them: remove enable_reuse_port: false from those listeners, or hand off with %q", without, HandoffHotRestart)
+	}
+	return nil
+}
+
+// promoteLocked makes child the serving Envoy and old the draining one; m.mu is held.
+func (m *Manager) promoteLocked(child, old *process, req UpgradeRequest, si serverInfo) {
+	m.current, m.bootstrap, m.admin, m.baseID = child, req.Bootstrap, req.AdminAddr, child.baseID
+	m.child, m.draining, m.drainDeadline = nil, old, time.Now().Add(m.cfg.DrainTimeout)
+	m.status.Epoch, m.status.Version, m.status.Binary = child.epoch, child.version, child.binary
+	m.status.HotRestartVersion, m.status.PID, m.status.Started = si.HotRestartVersion, child.pid(), child.started
+	m.status.AdminAddr, m.status.BaseID = child.adminAddr, child.baseID
+	m.status.AdminClosed = false
+}
+
+// upgradeReusePort runs steps 2-5 of a reuseport hand-off (see above) once the precheck
+// passed.
+func (m *Manager) upgradeReusePort(ctx context.Context, req UpgradeRequest, old *process, pc precheckResult, ports map[int]bool,
+	res UpgradeResult, reject func(error) (UpgradeResult, error)) (UpgradeResult, error) {
+	baseID, err := m.chooseBaseID()
+	if err != nil {
+		return reject(err)
+	}
+	// 2. Start the new Envoy next to the old one.
+	m.mu.Lock()
+	m.ports, m.handoff = ports, HandoffReusePort
+	m.mu.Unlock()
+	m.setPhase(PhaseHandingOff)
+	hstart := time.Now()
+	child, err := startProcess(processConfig{
+		binary: req.Binary, version: pc.version, configPath: pc.configPath, adminAddr: req.AdminAddr, adminOverride: pc.adminOverride,
+		epoch: res.ToEpoch, baseID: baseID, restartEpoch: 0, drain: m.cfg.drainArgs(), extraArgs: m.cfg.ExtraArgs, stdout: m.cfg.Output,
+	})
+	if err != nil {
+		_ = removeShm(baseID)
+		return reject(err)
+	}
+	m.watch(child)
+	m.setChild(child)
+	m.persist()
+	hctx, hcancel := context.WithTimeout(ctx, m.cfg.HandoffTimeout)
+	si, err := waitLive(hctx, child)
+	hcancel()
+	res.HandoffMS = time.Since(hstart).Milliseconds()
+	if err != nil {
+		return m.rollback(res, nil, child, ports, false, fmt.Errorf("hand-off: %w", err))
+	}
+
+	// 3. Probe: both Envoys accept connections meanwhile.
+	if m.cfg.Probe != nil {
+		m.setPhase(PhaseProbing)
+		pstart := time.Now()
+		err := m.probe(ctx, child)
+		res.ProbeMS = time.Since(pstart).Milliseconds()
+		if err != nil {
+			return m.rollback(res, nil, child, ports, true, err)
+		}
+	}
+	if !child.alive() {
+		return m.rollback(res, nil, child, ports, true, fmt.Errorf("envoy epoch %d exited: %v", child.epoch, child.err))
+	}
+
+	// 4. The old Envoy stops accepting; its queued connections move to the new one.
+	dstart := time.Now()
+	if err := stopAccepting(ctx, old, ports, m.cfg.HandoffTimeout); err != nil {
+		if listening(old.pid(), ports) {
+			return m.rollback(res, nil, child, ports, true, err)
+		}
+		m.cfg.Logger.Warn("hotupgrade: drain the old Envoy", "epoch", old.epoch, "error", err)
+	}
+	m.mu.Lock()
+	m.promoteLocked(child, old, req, si)
+	relays := append([]*relay{m.relay}, m.standins...)
+	m.relay, m.standins = nil, nil
+	m.mu.Unlock()
+
+	// 5. Stop the old Envoy when its connections are gone.
+	m.setPhase(PhaseDraining)
+	res.OldConnections, res.OldStopped = m.awaitDrained(ctx, old, ports, adminIdle(old.adminAddr), m.cfg.DrainTimeout)
+	_ = old.stop(5 * time.Second)
+	m.retire(old, relays)
+	res.DrainMS = time.Since(dstart).Milliseconds()
+	if old.configPath != pc.configPath {
+		_ = os.Remove(old.configPath)
+	}
+	res.Outcome = OutcomeUpgraded
+	m.setPhase(PhaseServing)
+	return res, nil
+}
+
+// retire forgets an old Envoy that a reuseport hand-off replaced and that has exited: its
+// shared memory, and the relays of its base id (the new Envoy has a base id of its own, so
+// none of them has anything left to do).
+func (m *Manager) retire(old *process, relays []*relay) {
+	for _, r := range relays {
+		if r != nil {
+			_ = r.Close()
+		}
+	}
+	if err := removeShm(old.baseID); err != nil {
+		m.cfg.Logger.Warn("hotupgrade: remove the old Envoy's shared memory", "error", err)
+	}
+	m.mu.Lock()
+	m.draining, m.ports, m.handoff = nil, nil, ""
+	m.mu.Unlock()
+}
+
+// stopAccepting tells an Envoy to close its listen sockets (POST /drain_listeners: the
+// kernel migrates their queues, see enableMigrateReq) and then to drain its connections
+// (POST /drain_listeners?graceful: Connection: close, GOAWAY), and waits until it holds no
+// listen socket on ports. Listeners are stopped first: a manager that dies in between
+// leaves an Envoy that no longer listens, which a restarted manager recognizes as told to
+// drain, and finishes (see recover).
+func stopAccepting(ctx context.Context, p *process, ports map[int]bool, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if _, err := admin(ctx, http.MethodPost, p.adminAddr, "/drain_listeners"); err != nil {
+		return fmt.Errorf("stop the listeners of envoy epoch %d (admin %s): %w", p.epoch, p.adminAddr, err)
+	}
+	if _, err := admin(ctx, http.MethodPost, p.adminAddr, "/drain_listeners?graceful"); err != nil {
+		return fmt.Errorf("start the drain of envoy epoch %d (admin %s): %w", p.epoch, p.adminAddr, err)
+	}
+	if !stoppedListening(ctx, p, ports, timeout) {
+		return fmt.Errorf("envoy epoch %d still listens on %v after POST /drain_listeners", p.epoch, sortedPorts(ports))
+	}
+	return nil
+}
+
+func sortedPorts(ports map[int]bool) []int {
+	var out []int
+	for p := range ports {
+		out = append(out, p)
+	}
+	slices.Sort(out)
+	return out
+}

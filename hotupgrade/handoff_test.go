@@ -1,0 +1,277 @@
+package hotupgrade
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/meshturbo/meshturbo/internal/testenv"
+)
+
+// burst opens new connections as fast as workers goroutines can, one request each, until
+// stopped: the connections that are in a listener's accept queue when it closes.
+type burst struct {
+	ok, failed atomic.Int64
+	mu         sync.Mutex
+	errs       []string
+	stop       chan struct{}
+	wg         sync.WaitGroup
+}
+
+func startBurst(t testing.TB, addr string, workers int) *burst {
+	b := &burst{stop: make(chan struct{})}
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for range workers {
+		b.wg.Add(1)
+		go func() {
+			defer b.wg.Done()
+			for {
+				select {
+				case <-b.stop:
+					return
+				default:
+				}
+				resp, err := client.Post("http://"+addr+"/", "text/plain", nil)
+				if err == nil {
+					_, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if err == nil && resp.StatusCode != http.StatusOK {
+						err = fmt.Errorf("status %d", resp.StatusCode)
+					}
+				}
+				if err == nil {
+					b.ok.Add(1)
+					continue
+				}
+				b.failed.Add(1)
+				b.mu.Lock()
+				if len(b.errs) < 10 {
+					b.errs = append(b.errs, time.Now().Format("15:04:05.000 ")+err.Error())
+				}
+				b.mu.Unlock()
+			}
+		}()
+	}
+	t.Cleanup(b.finish)
+	return b
+}
+
+func (b *burst) finish() {
+	select {
+	case <-b.stop:
+	default:
+		close(b.stop)
+	}
+	b.wg.Wait()
+}
+
+// requireRoot skips tests that need root: the reuseport hand-off sets a sysctl and reads
+// Envoy's sockets through pidfd_getfd.
+func requireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: sets net.ipv4.tcp_migrate_req and reads Envoy's sockets (pidfd_getfd)")
+	}
+}
+
+// Envoy 1.39.3 and 1.40.0 share a hot-restart version, so Handoff "reuseport" forces the
+// path version skew takes: upgrades and downgrades alternate under constant load plus a
+// burst of new connections (some of them in the old Envoy's accept queues when it stops
+// listening), and no request fails.
+func TestReusePortHandoffAcrossVersions(t *testing.T) {
+	requireRoot(t)
+	deps := testenv.RequireDeps(t)
+	var failProbe atomic.Bool
+	f := newFixture(t, deps.EnvoyOld, func(c *Config) {
+		c.Handoff = HandoffReusePort
+		c.ProbeTimeout = time.Second
+		c.Probe = func(context.Context) error {
+			if failProbe.Load() {
+				return errors.New("probe says no")
+			}
+			return nil
+		}
+	})
+	ls := startLoads(t, f.listen, 150, modeKeepAlive, modeClose, modeH2C)
+	b := startBurst(t, f.listen, 8)
+	version := map[string]string{deps.Envoy: deps.EnvoyVersion, deps.EnvoyOld: deps.EnvoyOldVersion}
+	for i, bin := range []string{deps.Envoy, deps.EnvoyOld, deps.Envoy, deps.EnvoyOld} {
+		before := f.m.Status()
+		tag := fmt.Sprint("skew", i+1)
+		res := f.upgrade(t, UpgradeRequest{Binary: bin, Bootstrap: f.bootstrap(tag)})
+		st := f.m.Status()
+		if res.Handoff != HandoffReusePort || st.Version != version[bin] || st.Binary != bin || st.BaseID == before.BaseID {
+			t.Fatalf("result %+v, status %+v; want a reuseport hand-off to %s with a new base id", res, st, version[bin])
+		}
+		// The admin address alternates: the new Envoy cannot bind the one the old holds.
+		if wantOther := before.AdminAddr == f.admin; (st.AdminAddr != f.admin) != wantOther {
+			t.Errorf("admin of the new Envoy %s (old: %s, configured: %s)", st.AdminAddr, before.AdminAddr, f.admin)
+		}
+		if _, err := os.Stat(shmPath(before.BaseID)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("the old Envoy's shared memory %s is left (%v)", shmPath(before.BaseID), err)
+		}
+		if syscall.Kill(before.PID, 0) == nil && !isZombie(before.PID) {
+			t.Errorf("the old Envoy (pid %d) still runs", before.PID)
+		}
+		f.expectConfig(t, tag)
+	}
+
+	// A new Envoy that fails its probe is stopped; its queued connections move back.
+	failProbe.Store(true)
+	before := f.m.Status()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	res, err := f.m.Upgrade(ctx, UpgradeRequest{Bootstrap: f.bootstrap("unprobed")})
+	cancel()
+	if err == nil || res.Outcome != OutcomeRolledBack || res.Handoff != HandoffReusePort {
+		t.Fatalf("upgrade with a failing probe: %+v, %v; want a rolled-back reuseport hand-off", res, err)
+	}
+	if st := f.m.Status(); st.PID != before.PID || st.BaseID != before.BaseID || st.Phase != PhaseServing {
+		t.Fatalf("status after the rollback %+v, before %+v", st, before)
+	}
+	f.expectConfig(t, "skew4")
+	failProbe.Store(false)
+
+	// Back to hot restart from an Envoy whose admin is elsewhere: the configured one again.
+	f.upgrade(t, UpgradeRequest{Bootstrap: f.bootstrap("moved")})
+	res = f.upgrade(t, UpgradeRequest{Bootstrap: f.bootstrap("hot"), Handoff: HandoffHotRestart})
+	if st := f.m.Status(); res.Handoff != HandoffHotRestart || st.AdminAddr != f.admin {
+		t.Errorf("hot restart: result %+v, admin %s; want the configured admin %s", res, st.AdminAddr, f.admin)
+	}
+	f.expectConfig(t, "hot")
+
+	b.finish()
+	t.Logf("burst of new connections: ok=%d failed=%d", b.ok.Load(), b.failed.Load())
+	if b.failed.Load() > 0 || b.ok.Load() == 0 {
+		t.Errorf("burst: %d ok, %d failed; first errors: %v", b.ok.Load(), b.failed.Load(), b.errs)
+	}
+	ls.check(t)
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	for i := len(b) - 1; i > 0; i-- {
+		if b[i] == ')' {
+			return i+2 < len(b) && b[i+2] == 'Z'
+		}
+	}
+	return false
+}
+
+// The kernel mechanism the reuseport hand-off relies on, without Envoy: connections that
+// wait in the accept queue of a SO_REUSEPORT listener when it is closed move to another
+// listener of the group with net.ipv4.tcp_migrate_req=1 (set by enableMigrateReq).
+func TestMigrateReqMovesQueuedConnections(t *testing.T) {
+	requireRoot(t)
+	if err := enableMigrateReq(t.Logf); err != nil {
+		t.Fatal(err)
+	}
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
+		return errors.Join(err, serr)
+	}}
+	first, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	second, err := lc.Listen(context.Background(), "tcp", first.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	// Nobody accepts yet: the kernel spreads the connections over both queues.
+	const n = 64
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range n {
+		c, err := net.Dial("tcp", first.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	queued := queueLen(t, first)
+	if queued == 0 || queued == n {
+		t.Fatalf("%d of %d connections queued on the first listener; want them spread over both", queued, n)
+	}
+	first.Close()
+	accepted := 0
+	for range n {
+		_ = second.(*net.TCPListener).SetDeadline(time.Now().Add(2 * time.Second))
+		c, err := second.Accept()
+		if err != nil {
+			break
+		}
+		accepted++
+		c.Close()
+	}
+	t.Logf("%d connections were queued on the closed listener; the other accepted %d of %d", queued, accepted, n)
+	if accepted != n {
+		t.Errorf("the remaining listener accepted %d of %d connections: the closed one's queue was not migrated", accepted, n)
+	}
+}
+
+// queueLen is a listener's accept queue length (its rx_queue in /proc/net/tcp).
+func queueLen(t *testing.T, l net.Listener) int {
+	t.Helper()
+	f, err := l.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	for _, line := range splitLines(string(b)) {
+		var sl, local, remote, state, queues, rest string
+		var inode uint64
+		if _, err := fmt.Sscan(line, &sl, &local, &remote, &state, &queues, &rest, &rest, &rest, &rest, &inode); err != nil || inode != st.Ino {
+			continue
+		}
+		var tx, rx int
+		fmt.Sscanf(queues, "%x:%x", &tx, &rx)
+		n = rx
+	}
+	return n
+}
+
+func splitLines(s string) []string {
+	var out []string
+	for len(s) > 0 {
+		i := 0
+		for i < len(s) && s[i] != '\n' {
+			i++
+		}
+		out = append(out, s[:i])
+		if i < len(s) {
+			i++
+		}
+		s = s[i:]
+	}
+	return out
+}
