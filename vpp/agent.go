@@ -24,6 +24,7 @@ import (
 
 	"go.fd.io/govpp/adapter"
 	"go.fd.io/govpp/binapi/memclnt"
+	"go.fd.io/govpp/core"
 )
 
 // Agent owns the connection to VPP and keeps VPP at the desired state. Create it with New,
@@ -36,6 +37,12 @@ type Agent struct {
 	secretKey  []byte
 	newAdapter func(socket string) adapter.VppAPI
 	applyHook  func(reason string, err error)
+
+	// The stats segment connection (interface counters), see stats.go.
+	newStats        func(socket string) adapter.StatsAPI
+	usesStatsSocket bool // newStats is govpp's socket client: check the socket file first
+	statsMu         sync.Mutex
+	stats           *core.StatsConnection
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -57,29 +64,34 @@ type Agent struct {
 
 // Status is a snapshot of the agent's view, for the admin API and metrics.
 type Status struct {
-	Connected bool
+	Connected bool `json:"connected"`
 	// Version is VPP's show_version of the current (or last) connection.
-	Version string
+	Version string `json:"version"`
 	// Connects counts successful connections; more than one means VPP restarted or the
 	// connection was re-established.
-	Connects int
+	Connects int `json:"connects"`
+	// ConnectError is why the last connection attempt failed (VPP not running, socket not
+	// mounted, …), with the socket and the fix; empty once connected.
+	ConnectError string `json:"connectError"`
 	// Uplink is the owned uplink interface as last applied.
-	Uplink *UplinkStatus
+	Uplink *UplinkStatus `json:"uplink"`
 	// Namespaces are the app namespaces applied through the current connection.
-	Namespaces []string
+	Namespaces []string `json:"namespaces"`
 	// LastApply is when the desired state was last applied, LastApplyError its outcome.
-	LastApply      time.Time
-	LastApplyError string
+	LastApply      time.Time `json:"lastApply"`
+	LastApplyError string    `json:"lastApplyError"`
+	// StatsError is why interface counters are not available (no stats segment socket).
+	StatsError string `json:"statsError"`
 	// Fatal is set when the agent gave up (VPP incompatible).
-	Fatal string
+	Fatal string `json:"fatal"`
 }
 
 // UplinkStatus describes the owned uplink interface.
 type UplinkStatus struct {
-	SwIfIndex uint32
-	Name      string
-	Driver    Driver
-	Device    string
+	SwIfIndex uint32 `json:"swIfIndex"`
+	Name      string `json:"name"`
+	Driver    Driver `json:"driver"`
+	Device    string `json:"device"`
 }
 
 // New validates cfg and starts the agent: it connects to VPP in the background (retrying
@@ -103,6 +115,7 @@ func New(cfg Config, opts ...Option) (*Agent, error) {
 	}
 	a.retryDelay = cfg.Backoff.Min
 	a.newAdapter = newSocketAdapter(&a.cfg)
+	a.newStats, a.usesStatsSocket = newStatsSocketAdapter, true
 	for _, o := range opts {
 		o(a)
 	}
@@ -182,6 +195,14 @@ func (a *Agent) Reconcile(ctx context.Context, d Desired) error {
 		return errors.New("vpp: agent closed")
 	}
 	return a.applyCurrent(ctx, nil, "reconcile")
+}
+
+// Config returns the agent's configuration with the defaults filled in (without the secret key).
+func (a *Agent) Config() Config {
+	c := a.cfg
+	c.SecretKey = nil
+	c.Routes = slices.Clone(c.Routes)
+	return c
 }
 
 // Status returns a snapshot of the agent's state.
@@ -283,7 +304,17 @@ func (a *Agent) run() {
 			if a.ctx.Err() != nil {
 				return
 			}
-			a.log.Warn("vpp: cannot connect; retrying", "socket", a.cfg.APISocket, "err", err, "in", delay)
+			msg := fmt.Sprintf("%v (is VPP running with `socksvr { socket-name %s }` in its startup.conf, and is that socket mounted into the agent? "+
+				"retrying in %v)", err, a.cfg.APISocket, delay)
+			a.mu.Lock()
+			first := a.status.ConnectError == ""
+			a.status.ConnectError = msg
+			a.mu.Unlock()
+			if first {
+				a.log.Warn("vpp: cannot connect; retrying with backoff", "socket", a.cfg.APISocket, "err", msg)
+			} else {
+				a.log.Debug("vpp: cannot connect; retrying", "socket", a.cfg.APISocket, "err", err, "in", delay)
+			}
 			if !sleep(a.ctx, delay) {
 				return
 			}
@@ -291,6 +322,7 @@ func (a *Agent) run() {
 			continue
 		}
 		delay = a.cfg.Backoff.Min
+		a.connectStats() // before the connection is published: Status then says whether counters work
 		// The connection is published with the apply lock held, so that the first apply
 		// through it (of the state desired so far) comes before any Reconcile's.
 		a.applyMu.Lock()
@@ -299,6 +331,7 @@ func (a *Agent) run() {
 		a.conn = c
 		a.status.Version = c.version
 		a.status.Connects++
+		a.status.ConnectError = ""
 		a.status.Namespaces = nil
 		a.notifyLocked()
 		a.mu.Unlock()
@@ -309,6 +342,7 @@ func (a *Agent) run() {
 		a.applyMu.Unlock()
 
 		a.supervise(c)
+		a.disconnectStats()
 
 		a.mu.Lock()
 		a.conn = nil
@@ -345,6 +379,7 @@ func (a *Agent) supervise(c *vppConn) {
 				}
 				return
 			}
+			a.connectStats() // no-op while connected
 			a.mu.Lock()
 			retry := !a.retryAt.IsZero() && !time.Now().Before(a.retryAt)
 			a.mu.Unlock()

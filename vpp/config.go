@@ -12,6 +12,7 @@ import (
 
 	"go.fd.io/govpp/adapter"
 	"go.fd.io/govpp/adapter/socketclient"
+	"go.fd.io/govpp/adapter/statsclient"
 
 	"github.com/meshturbo/meshturbo/vpp/vcl"
 )
@@ -100,6 +101,9 @@ type Config struct {
 	// APISocket is VPP's binary API socket (default /run/vpp/api.sock; startup.conf
 	// `socksvr { socket-name … }`).
 	APISocket string
+	// StatsSocket is VPP's stats segment socket, for interface counters (default
+	// /run/vpp/stats.sock; startup.conf `statseg { socket-name … }`).
+	StatsSocket string
 	// Uplink and Routes are the node's part of the desired state; Reconcile adds the sidecars.
 	Uplink Uplink
 	Routes []Route
@@ -152,6 +156,9 @@ func (c *Config) validate() error {
 	var errs []error
 	if c.APISocket == "" {
 		c.APISocket = socketclient.DefaultSocketName
+	}
+	if c.StatsSocket == "" {
+		c.StatsSocket = statsclient.DefaultSocketName
 	}
 	if err := c.Uplink.validate(); err != nil {
 		errs = append(errs, err)
@@ -330,10 +337,14 @@ func (d Desired) validate() error {
 		seen[s.ID] = true
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("vpp: desired state: %w", err)
+		return fmt.Errorf("vpp: desired state: %w: %w", ErrInvalidDesired, err)
 	}
 	return nil
 }
+
+// ErrInvalidDesired is wrapped by Reconcile's error when the desired state itself is invalid
+// (a bad or repeated sidecar ID); the previous desired state stays.
+var ErrInvalidDesired = errors.New("invalid")
 
 // NamespaceID is the app namespace the agent creates for the sidecar with this ID.
 func NamespaceID(sidecarID string) string { return namespacePrefix + sidecarID }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 )
@@ -105,8 +106,8 @@ func newVPPCmd(g *globals) *cobra.Command {
 		Use:   "status",
 		Short: "Show the agent's VPP connection, uplink interface and app namespaces",
 		Long: `Show the VPP state of meshturbo-agent (GET /v1/vpp): whether it is connected to VPP and
-its version, the SR-IOV uplink it owns, the app namespaces of the sidecars, and the outcome
-of the last apply.
+its version (or why not), the SR-IOV uplink it owns with its counters, the app namespaces
+of the sidecars, and the outcome of the last apply.
 
 Exit code 4 when the agent does not run VPP, 5 when it is not connected or gave up.`,
 		Example: `  meshctl vpp status
@@ -127,25 +128,14 @@ Exit code 4 when the agent does not run VPP, 5 when it is not connected or gave 
 				return err
 			}
 			now := g.env.now()
-			if err := g.render(cmd.OutOrStdout(), raw, func(w io.Writer) {
-				field(w, "Connected", yesNo(st.Connected))
-				field(w, "VPP version", st.Version)
-				field(w, "Connections", st.Connects)
-				if u := st.Uplink; u != nil {
-					field(w, "Uplink", fmt.Sprintf("%s (sw_if_index %d, driver %s, device %s)", u.Name, u.SwIfIndex, u.Driver, u.Device))
-				} else {
-					field(w, "Uplink", "")
-				}
-				field(w, "App namespaces", strings.Join(st.Namespaces, ","))
-				field(w, "Last apply", ago(now, st.LastApply))
-				field(w, "Last apply error", st.LastApplyError)
-				field(w, "Fatal", st.Fatal)
-			}); err != nil {
+			if err := g.render(cmd.OutOrStdout(), raw, func(w io.Writer) { describeVPP(w, st, now) }); err != nil {
 				return err
 			}
 			switch {
 			case st.Fatal != "":
 				return withCode(exitUnhealthy, fmt.Errorf("meshturbo-agent at %s gave up on VPP: %s", c.d.addr, st.Fatal))
+			case !st.Connected && st.ConnectError != "":
+				return withCode(exitUnhealthy, fmt.Errorf("meshturbo-agent at %s is not connected to VPP: %s", c.d.addr, st.ConnectError))
 			case !st.Connected:
 				return withCode(exitUnhealthy, fmt.Errorf("meshturbo-agent at %s is not connected to VPP", c.d.addr))
 			}
@@ -153,4 +143,35 @@ Exit code 4 when the agent does not run VPP, 5 when it is not connected or gave 
 		}),
 	})
 	return cmd
+}
+
+func describeVPP(w io.Writer, st vppStatus, now time.Time) {
+	field(w, "Connected", yesNo(st.Connected))
+	field(w, "API socket", st.APISocket)
+	if !st.Connected {
+		field(w, "Connect error", st.ConnectError)
+	}
+	field(w, "VPP version", st.Version)
+	field(w, "Connections", st.Connects)
+	if u := st.Uplink; u != nil {
+		field(w, "Uplink", fmt.Sprintf("%s (sw_if_index %d, driver %s, device %s)", u.Name, u.SwIfIndex, u.Driver, u.Device))
+	} else {
+		field(w, "Uplink", "")
+	}
+	field(w, "Sidecars", st.Sidecars)
+	field(w, "App namespaces", strings.Join(st.Namespaces, ","))
+	field(w, "Hand-off dir", st.HandoffDir)
+	field(w, "Last apply", ago(now, st.LastApply))
+	field(w, "Last apply error", st.LastApplyError)
+	field(w, "Stats error", st.StatsError)
+	field(w, "Mesh error", st.MeshError)
+	field(w, "Fatal", st.Fatal)
+	if len(st.Interfaces) > 0 {
+		fmt.Fprintln(w)
+		fmt.Fprintf(w, "Interfaces (%d):\n", len(st.Interfaces))
+		row(w, "  INTERFACE", "SW_IF_INDEX", "RX PACKETS", "RX BYTES", "TX PACKETS", "TX BYTES", "DROPS", "RX ERRORS", "TX ERRORS")
+		for _, i := range st.Interfaces {
+			row(w, "  "+i.Name, i.SwIfIndex, i.RxPackets, bytesHuman(i.RxBytes), i.TxPackets, bytesHuman(i.TxBytes), i.Drops, i.RxErrors, i.TxErrors)
+		}
+	}
 }

@@ -329,6 +329,7 @@ func TestNotFoundAndMissingAPIs(t *testing.T) {
 	fs := newFakes(t)
 	bare := newFake(t, "meshturbo-xds", "", map[string]string{"/v1/registries": "registries.json"})
 	noVPP := newFake(t, "meshturbo-agent", "", map[string]string{"/v1/accel": "accel-off.json"})
+	vppAbsent := newFake(t, "meshturbo-agent", "", map[string]string{"/v1/accel": "accel.json", "/v1/vpp": "vpp-absent.json"})
 	for _, tc := range []struct {
 		env  map[string]string
 		args []string
@@ -343,6 +344,8 @@ func TestNotFoundAndMissingAPIs(t *testing.T) {
 		{map[string]string{"MESHTURBO_AGENT_ADMIN": noVPP.addr()}, []string{"vpp", "status"}, exitNotFound,
 			"the agent at " + noVPP.addr() + " does not run VPP (404"},
 		{map[string]string{"MESHTURBO_AGENT_ADMIN": noVPP.addr()}, []string{"accel", "status"}, exitUnhealthy, "acceleration is off: bpf: kernel lacks sk_msg"},
+		{map[string]string{"MESHTURBO_AGENT_ADMIN": vppAbsent.addr()}, []string{"vpp", "status"}, exitUnhealthy,
+			"is not connected to VPP: vpp: connect /run/vpp/api.sock: VPP API socket file /run/vpp/api.sock does not exist (is VPP running with `socksvr { socket-name /run/vpp/api.sock }`"},
 		{fs.env(), []string{"lazyload", "scope", "a/b/c"}, exitUsage, "want <namespace>/<name>"},
 		{fs.env(), []string{"registry", "get"}, exitUsage, "takes a registry name"},
 		{fs.env(), []string{"status", "-o", "xml"}, exitUsage, `--output "xml"`},

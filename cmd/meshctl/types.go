@@ -153,17 +153,38 @@ type accelStats struct {
 	StateFailed      uint64 `json:"state_failed"`
 }
 
-// vppStatus is meshturbo-agent GET /v1/vpp, once the agent runs VPP: the vpp package's
-// Status (JSON keys match its field names case-insensitively).
+// vppStatus is meshturbo-agent GET /v1/vpp in VPP mode: the vpp package's Status plus the
+// agent's sockets, hand-off directory, sidecar count and the owned interfaces' counters
+// (cmd/meshturbo-agent/vpp.go).
 type vppStatus struct {
-	Connected      bool       `json:"connected"`
-	Version        string     `json:"version"`
-	Connects       int        `json:"connects"`
-	Uplink         *vppUplink `json:"uplink"`
-	Namespaces     []string   `json:"namespaces"`
-	LastApply      time.Time  `json:"lastApply"`
-	LastApplyError string     `json:"lastApplyError"`
-	Fatal          string     `json:"fatal"`
+	Connected      bool          `json:"connected"`
+	Version        string        `json:"version"`
+	Connects       int           `json:"connects"`
+	ConnectError   string        `json:"connectError"`
+	Uplink         *vppUplink    `json:"uplink"`
+	Namespaces     []string      `json:"namespaces"`
+	LastApply      time.Time     `json:"lastApply"`
+	LastApplyError string        `json:"lastApplyError"`
+	StatsError     string        `json:"statsError"`
+	Fatal          string        `json:"fatal"`
+	APISocket      string        `json:"apiSocket"`
+	StatsSocket    string        `json:"statsSocket"`
+	HandoffDir     string        `json:"handoffDir"`
+	Sidecars       int           `json:"sidecars"`
+	Interfaces     []vppCounters `json:"interfaces"`
+	MeshError      string        `json:"meshError"`
+}
+
+type vppCounters struct {
+	SwIfIndex uint32 `json:"swIfIndex"`
+	Name      string `json:"name"`
+	RxPackets uint64 `json:"rxPackets"`
+	RxBytes   uint64 `json:"rxBytes"`
+	TxPackets uint64 `json:"txPackets"`
+	TxBytes   uint64 `json:"txBytes"`
+	Drops     uint64 `json:"drops"`
+	RxErrors  uint64 `json:"rxErrors"`
+	TxErrors  uint64 `json:"txErrors"`
 }
 
 type vppUplink struct {

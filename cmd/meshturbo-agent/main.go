@@ -1,6 +1,7 @@
 // Command meshturbo-agent is the node agent: it accelerates TCP between local mesh workloads
 // (and between apps and their sidecars on loopback) with sockops + sk_msg, serves the
 // counters and state on its admin API, and keeps acceleration up across its own restarts.
+// With -vpp-config it also drives VPP's host stack for sidecar-to-sidecar traffic (vpp.go).
 //
 //	meshturbo-agent [flags]              run
 //	meshturbo-agent uninstall [flags]    detach and unpin everything (live pairs drain)
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	"github.com/meshturbo/meshturbo/bpf"
+	"github.com/meshturbo/meshturbo/vpp"
 )
 
 func main() {
@@ -63,6 +65,10 @@ type args struct {
 	redirectSidecars string // comma-separated cgroup v2 directories
 	redirectExclPort string // comma-separated
 	redirectExclCIDR string // comma-separated
+	// VPP mode (vpp.go): on when vppConfig is set.
+	vppConfig    string
+	vppAPISocket string
+	vppOpts      []vpp.Option // tests: a fake VPP's stats segment
 	// probeFailure forces a feature probe to fail (tests of the fallback path).
 	probeFailure bpf.Feature
 }
@@ -77,7 +83,9 @@ func parseArgs(argv []string, stderr io.Writer) (args, error) {
 	fs.StringVar(&a.tokenFile, "admin-token-file", "", "file with the admin API bearer token")
 	fs.StringVar(&a.meshIPs, "mesh-ips", "", "comma-separated local IPs of mesh workloads")
 	fs.StringVar(&a.sidecarPorts, "sidecar-ports", "15001,15006", "comma-separated sidecar ports (loopback pairs with one end on one are accelerated)")
-	fs.StringVar(&a.meshFile, "mesh-file", "", `JSON file {"ips": [...], "sidecar_ports": [...]} (e.g. written by the CNI integration); replaces -mesh-ips/-sidecar-ports, re-read when it changes and on SIGHUP`)
+	fs.StringVar(&a.meshFile, "mesh-file", "", `JSON file {"ips": [...], "sidecar_ports": [...], "pods": [{"uid": ..., "name": ...}]} (e.g. written by the CNI integration; pods: VPP mode's sidecars); replaces -mesh-ips/-sidecar-ports, re-read when it changes and on SIGHUP`)
+	fs.StringVar(&a.vppConfig, "vpp-config", "", "VPP mode: YAML file with the node's VPP state (uplink VF, addresses, routes, hand-off directory); sidecars come from the mesh file's \"pods\" (see vpp/README.md)")
+	fs.StringVar(&a.vppAPISocket, "vpp-api-socket", "", "with -vpp-config: VPP's binary API socket, overriding the file's apiSocket (default /run/vpp/api.sock)")
 	fs.DurationVar(&a.meshPoll, "mesh-poll", 2*time.Second, "how often -mesh-file is checked for changes")
 	fs.UintVar(&a.maxConns, "max-conns", bpf.DefaultMaxConns, "sockhash size (accelerated sockets, two per connection)")
 	fs.UintVar(&a.smallMsg, "small-msg", bpf.DefaultSmallMsg, "sends below this many bytes are small (see -small-run)")

@@ -21,7 +21,13 @@ import (
 	"github.com/meshturbo/meshturbo/bpf"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		// govpp's core returns API channels to its pool from a goroutine of its own (VPP mode);
+		// they finish on their own.
+		goleak.IgnoreAnyFunction("go.fd.io/govpp/core/genericpool.(*Pool[...]).Put"),
+	)
+}
 
 func TestParseArgs(t *testing.T) {
 	for _, tc := range []struct {

@@ -29,6 +29,7 @@ import (
 type mesh struct {
 	IPs          []netip.Addr `json:"ips"`
 	SidecarPorts []uint16     `json:"sidecar_ports"`
+	Pods         []meshPod    `json:"pods,omitempty"` // VPP mode's sidecars (vpp.go)
 }
 
 func (a args) flagMesh() (mesh, error) {
@@ -166,7 +167,9 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	if err != nil {
 		return err
 	}
+	meshStamp := "" // the mesh file as first read: a change from then on is applied
 	if a.meshFile != "" {
+		meshStamp = fileStamp(a.meshFile)
 		if m, err = readMeshFile(a.meshFile); err != nil {
 			return err
 		}
@@ -174,6 +177,13 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	rc, err := a.redirectConfig()
 	if err != nil {
 		return err
+	}
+	vn, err := startVPP(a, m.Pods, log)
+	if err != nil {
+		return err
+	}
+	if vn != nil {
+		defer func() { err = errors.Join(err, vn.Close()) }() // VPP keeps its state
 	}
 	var opts []bpf.Option
 	if a.probeFailure != "" {
@@ -237,10 +247,14 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	adm.HandleJSON("/v1/accel", func() any { return n.status() })
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newCollector(n))
+	if vn != nil {
+		adm.HandleJSON("/v1/vpp", func() any { return vn.status() })
+		reg.MustRegister(newVPPCollector(vn))
+	}
 	adm.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	adm.Serve()
 	defer func() { err = errors.Join(err, adm.Close()) }()
-	log.Info("meshturbo-agent running", "admin", adm.Addr(), "accelerating", n.agent != nil)
+	log.Info("meshturbo-agent running", "admin", adm.Addr(), "accelerating", n.agent != nil, "vpp", vn != nil)
 
 	if a.meshFile != "" && n.agent != nil {
 		var wg sync.WaitGroup
@@ -248,7 +262,7 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		wctx, cancel := context.WithCancel(ctx)
 		go func() {
 			defer wg.Done()
-			n.watchMeshFile(wctx, a.meshFile, a.meshPoll, log)
+			n.watchMeshFile(wctx, a.meshFile, meshStamp, a.meshPoll, log)
 		}()
 		defer func() { cancel(); wg.Wait() }()
 	}
@@ -269,13 +283,12 @@ func adoptedCount(st bpf.State) int {
 
 // watchMeshFile applies the mesh file when its modification time or size changes, and on
 // SIGHUP. A bad file is logged and shown in the status; the last good set stays.
-func (n *node) watchMeshFile(ctx context.Context, path string, every time.Duration, log *slog.Logger) {
+func (n *node) watchMeshFile(ctx context.Context, path, last string, every time.Duration, log *slog.Logger) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	tick := time.NewTicker(every)
 	defer tick.Stop()
-	last := fileStamp(path)
 	for {
 		force := false
 		select {
