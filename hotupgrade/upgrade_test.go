@@ -43,23 +43,32 @@ func newFixtureWith(t testing.TB, binary, backend string, mk func(admin, listen,
 	if binary == "" {
 		binary = deps.Envoy
 	}
-	f := &fixture{admin: freeAddr(t), listen: freeAddr(t), backend: backend, deps: deps, mk: mk}
-	cfg := Config{
-		Envoy: binary, Bootstrap: f.bootstrap("v0"), AdminAddr: f.admin,
-		ExtraArgs: []string{"--concurrency", "2", "--log-level", "warn"},
-		Output:    testenv.Writer(t), Logger: testenv.Logger(t),
-		HandoffTimeout: 15 * time.Second, DrainTimeout: 10 * time.Second, EnvoyDrainTime: 2 * time.Second,
+	// A port picked free may be taken by another package's test before Envoy binds it; pick
+	// new ones then (Envoy names the port in its error).
+	var f *fixture
+	for attempt := 1; ; attempt++ {
+		f = &fixture{admin: freeAddr(t), listen: freeAddr(t), backend: backend, deps: deps, mk: mk}
+		cfg := Config{
+			Envoy: binary, Bootstrap: f.bootstrap("v0"), AdminAddr: f.admin,
+			ExtraArgs: []string{"--concurrency", "2", "--log-level", "warn"},
+			Output:    testenv.Writer(t), Logger: testenv.Logger(t),
+			HandoffTimeout: 15 * time.Second, DrainTimeout: 10 * time.Second, EnvoyDrainTime: 2 * time.Second,
+		}
+		if mutate != nil {
+			mutate(&cfg)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		m, err := New(ctx, cfg)
+		cancel()
+		if err == nil {
+			f.m = m
+			break
+		}
+		if attempt == 3 || !strings.Contains(err.Error(), "exited before it was ready") {
+			t.Fatal(err)
+		}
+		t.Logf("epoch 0 did not start (a port taken meanwhile?), retrying with new ports: %v", err)
 	}
-	if mutate != nil {
-		mutate(&cfg)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	m, err := New(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.m = m
 	t.Cleanup(func() { f.close(t) })
 	return f
 }
