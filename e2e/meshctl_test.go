@@ -385,6 +385,11 @@ func startAgent(t *testing.T) string {
 	if root == "" {
 		t.Skip("meshturbo-agent needs cgroup v2, at /sys/fs/cgroup or /sys/fs/cgroup/unified; neither is")
 	}
+	unlock, err := testenv.LockBPF() // not while the bpf package checks the kernel for mt_* objects
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(unlock) // runs last: after the agent is uninstalled
 	name := fmt.Sprintf("meshctl-e2e-%d", time.Now().UnixNano())
 	cg := filepath.Join(root, name)
 	if err := os.Mkdir(cg, 0o755); err != nil {

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -19,9 +20,17 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/meshturbo/meshturbo/bpf"
+	"github.com/meshturbo/meshturbo/internal/testenv"
 )
 
 func TestMain(m *testing.M) {
+	// The agent loads meshturbo's BPF objects: not while the bpf package checks for leftovers.
+	unlock, err := testenv.LockBPF()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	defer unlock()
 	goleak.VerifyTestMain(m,
 		// govpp's core returns API channels to its pool from a goroutine of its own (VPP mode);
 		// they finish on their own.
