@@ -1,6 +1,8 @@
 package bpf
 
 import (
+	"github.com/meshturbo/meshturbo/internal/testenv"
+
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -27,6 +29,11 @@ func TestMain(m *testing.M) {
 		os.Exit(workloadMain())
 	}
 	flag.Parse()
+	unlock, err := testenv.LockBPF() // no other package loads mt_* objects meanwhile
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	code := m.Run()
 	if code == 0 && os.Geteuid() == 0 {
 		if err := checkNoLeftovers(); err != nil {
@@ -34,6 +41,7 @@ func TestMain(m *testing.M) {
 			code = 1
 		}
 	}
+	unlock()
 	if code == 0 {
 		if err := goleak.Find(); err != nil {
 			fmt.Fprintln(os.Stderr, "goleak:", err)
