@@ -66,6 +66,8 @@ type args struct {
 	workDir      string
 	caDir        string
 	serviceAcct  string
+	vclDir       string
+	vclWait      time.Duration
 	bootstrap    string
 	drainTimeout time.Duration
 	probeURL     string
@@ -89,6 +91,8 @@ func main() {
 	flag.IntVar(&a.concurrency, "concurrency", 2, "Envoy worker threads")
 	flag.StringVar(&a.workDir, "work-dir", "", "directory for the bootstrap, SDS socket and hot-restart state (default: a temp dir)")
 	flag.StringVar(&a.caDir, "ca-dir", "", "directory with the mesh CA (ca-cert.pem, ca-key.pem); default: a CA of this sidecar's own, so only plaintext peers work")
+	flag.StringVar(&a.vclDir, "vcl-dir", "", "VPP mode: the directory where meshturbo-agent writes this pod's vcl.conf; Envoy then uses VPP's host stack (needs a contrib Envoy)")
+	flag.DurationVar(&a.vclWait, "vcl-wait", 2*time.Minute, "VPP mode: how long to wait for vcl.conf to appear")
 	flag.StringVar(&a.serviceAcct, "service-account", "default", "service account in the workload's SPIFFE id")
 	flag.StringVar(&a.bootstrap, "bootstrap", "", "Envoy bootstrap file to run instead of the generated sidecar bootstrap (read again on SIGHUP)")
 	flag.DurationVar(&a.drainTimeout, "drain-timeout", time.Minute, "on an upgrade, how long the old Envoy may keep connections before it is stopped")
@@ -157,20 +161,18 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	}
 	defer func() { err = errors.Join(err, sds.Close()) }()
 
-	readBootstrap := func() ([]byte, error) {
-		if a.bootstrap != "" {
-			return os.ReadFile(a.bootstrap)
+	mergeVCL := func(bs []byte) ([]byte, error) { return bs, nil }
+	if a.vclDir != "" {
+		if mergeVCL, err = vclHandOff(ctx, a.vclDir, a.envoy, a.vclWait, log); err != nil {
+			return err
 		}
-		return hotupgrade.SidecarBootstrap{
-			IstiodAddr:       a.istiod,
-			AdminAddr:        a.envoyAdmin,
-			IP:               a.ip,
-			PodName:          a.pod,
-			Namespace:        a.namespace,
-			Labels:           labels,
-			InterceptionMode: strings.ToUpper(a.interception),
-			SDSSocket:        filepath.Join(a.workDir, "sds.sock"),
-		}.JSON()
+	}
+	readBootstrap := func() ([]byte, error) {
+		bs, err := readBootstrapFile(a, labels)
+		if err != nil {
+			return nil, err
+		}
+		return mergeVCL(bs)
 	}
 	bs, err := readBootstrap()
 	if err != nil {
@@ -276,4 +278,21 @@ func httpProbe(url string) func(ctx context.Context) error {
 		}
 		return nil
 	}
+}
+
+// readBootstrapFile is the -bootstrap file, or the generated sidecar bootstrap.
+func readBootstrapFile(a args, labels map[string]string) ([]byte, error) {
+	if a.bootstrap != "" {
+		return os.ReadFile(a.bootstrap)
+	}
+	return hotupgrade.SidecarBootstrap{
+		IstiodAddr:       a.istiod,
+		AdminAddr:        a.envoyAdmin,
+		IP:               a.ip,
+		PodName:          a.pod,
+		Namespace:        a.namespace,
+		Labels:           labels,
+		InterceptionMode: strings.ToUpper(a.interception),
+		SDSSocket:        filepath.Join(a.workDir, "sds.sock"),
+	}.JSON()
 }
