@@ -43,6 +43,11 @@ const (
 	DefaultMaxConns = 65536
 	DefaultSmallMsg = 16384
 	DefaultSmallRun = 16
+	// DefaultQueueLimit is Config.QueueLimit's default: half of what plain TCP lets a
+	// sender queue towards a reader that does not read (send and receive buffers, measured
+	// here at 4.1–4.3 MB). A pair that hits it then queues plain TCP's amount on the TCP
+	// path, about 1.5× plain TCP's in all.
+	DefaultQueueLimit = 2 << 20
 )
 
 // Pin names of the links inside Config.PinPath; maps are pinned by their own names (mt_*).
@@ -77,8 +82,14 @@ type Config struct {
 	// of small writes, a redirect sends and wakes each alone and is slower there.
 	// Request/response traffic never trips it. Defaults DefaultSmallMsg, DefaultSmallRun.
 	SmallMsg, SmallRun uint32
-	// NaiveRedirect turns that rule off (every send of a mesh socket is redirected). For
-	// benchmarks.
+	// QueueLimit bounds the redirected bytes a socket may hold unread (DefaultQueueLimit if
+	// 0). A redirect skips TCP's flow control: without a bound, a sender to a reader that
+	// does not read queues kernel memory until the node's tcp_mem limit (ENOMEM, and every
+	// other TCP flow of the node starves). A pair whose peer holds QueueLimit unread moves
+	// to the TCP path for good, where the sender blocks as on plain TCP.
+	QueueLimit uint32
+	// NaiveRedirect turns the small-write rule and the queue limit off (every send of a
+	// mesh socket is redirected). For benchmarks.
 	NaiveRedirect bool
 	// KeepDemoted leaves demoted sockets in the sockhash (sending on the TCP path through
 	// the sk_msg hook) instead of unhooking them. For benchmarks.
@@ -115,6 +126,9 @@ func (c *Config) validate() error {
 	}
 	if c.SmallRun == 0 {
 		c.SmallRun = DefaultSmallRun
+	}
+	if c.QueueLimit == 0 {
+		c.QueueLimit = DefaultQueueLimit
 	}
 	if c.UnhookGrace <= 0 {
 		c.UnhookGrace = DefaultUnhookGrace
@@ -188,10 +202,12 @@ type State struct {
 	CgroupPath string `json:"cgroup_path"`
 	MaxConns   uint32 `json:"max_conns"`
 	// SmallMsg and SmallRun are the small-write rule in force (SmallMsg 0: off).
-	SmallMsg uint32          `json:"small_msg"`
-	SmallRun uint32          `json:"small_run"`
-	Features []FeatureStatus `json:"features"`
-	Programs []Attachment    `json:"programs"`
+	SmallMsg uint32 `json:"small_msg"`
+	SmallRun uint32 `json:"small_run"`
+	// QueueLimit is the bound on unread redirected bytes per socket (0: none).
+	QueueLimit uint32          `json:"queue_limit"`
+	Features   []FeatureStatus `json:"features"`
+	Programs   []Attachment    `json:"programs"`
 	// ReusedMaps are maps adopted from pins left by an earlier agent.
 	ReusedMaps []string `json:"reused_maps,omitempty"`
 	// ReplacedMaps are pinned maps whose layout no longer matched: they were unpinned (the
@@ -276,9 +292,9 @@ func New(cfg Config, opts ...Option) (_ *Agent, err error) {
 	}
 	a := &Agent{cfg: cfg, cgroupID: st.Ino, opts: newOptions(opts)}
 	a.state = State{PinPath: cfg.PinPath, CgroupPath: cfg.CgroupPath, MaxConns: cfg.MaxConns, Features: feats,
-		SmallMsg: cfg.SmallMsg, SmallRun: cfg.SmallRun, OtherOwners: owners}
+		SmallMsg: cfg.SmallMsg, SmallRun: cfg.SmallRun, QueueLimit: cfg.QueueLimit, OtherOwners: owners}
 	if cfg.NaiveRedirect {
-		a.state.SmallMsg = 0
+		a.state.SmallMsg, a.state.QueueLimit = 0, 0
 	}
 	defer func() {
 		if err != nil {
@@ -346,13 +362,17 @@ func (a *Agent) load() error {
 	for _, spec := range []*ebpf.CollectionSpec{sockopsSpec, redirSpec, unhookSpec, connect4Spec, getsockoptSpec} {
 		spec.Maps[sockopsMapMtSockhash].MaxEntries = a.cfg.MaxConns
 		spec.Maps[sockopsMapMtPairs].MaxEntries = max(a.cfg.MaxConns/2, 1)
+		spec.Maps[sockopsMapMtSkAddrs].MaxEntries = a.cfg.MaxConns
 	}
 	if err := unhookSpec.Variables[unhookVarMtUnhookGraceNs].Set(uint64(a.cfg.UnhookGrace.Nanoseconds())); err != nil {
 		return fmt.Errorf("bpf: set %s: %w", unhookVarMtUnhookGraceNs, err)
 	}
-	smallMsg := a.cfg.SmallMsg
+	smallMsg, queueLimit := a.cfg.SmallMsg, a.cfg.QueueLimit
 	if a.cfg.NaiveRedirect {
-		smallMsg = 0
+		smallMsg, queueLimit = 0, 0
+	}
+	if err := redirSpec.Variables[redirVarMtQueueLimit].Set(queueLimit); err != nil {
+		return fmt.Errorf("bpf: set %s: %w", redirVarMtQueueLimit, err)
 	}
 	if err := redirSpec.Variables[redirVarMtSmallMsg].Set(smallMsg); err != nil {
 		return fmt.Errorf("bpf: set %s: %w", redirVarMtSmallMsg, err)
@@ -418,6 +438,7 @@ func (m *sockopsMaps) byName() map[string]*ebpf.Map {
 		sockopsMapMtExcludedCidrs:  m.MtExcludedCidrs,
 		sockopsMapMtOrigByCookie:   m.MtOrigByCookie,
 		sockopsMapMtOrigByAddr:     m.MtOrigByAddr,
+		sockopsMapMtSkAddrs:        m.MtSkAddrs,
 	}
 }
 

@@ -273,6 +273,9 @@ func diff(a, b Stats) Stats {
 		ConnectExcluded:   a.ConnectExcluded - b.ConnectExcluded,
 		OrigDstRecorded:   a.OrigDstRecorded - b.OrigDstRecorded,
 		OrigDstAnswered:   a.OrigDstAnswered - b.OrigDstAnswered,
+		QueueDemoted:      a.QueueDemoted - b.QueueDemoted,
+		QueueUnknown:      a.QueueUnknown - b.QueueUnknown,
+		BlockingDemoted:   a.BlockingDemoted - b.BlockingDemoted,
 	}
 }
 
@@ -520,6 +523,7 @@ func TestUninstallKeepsLivePairs(t *testing.T) {
 	cfg := testConfig(t, cg)
 	addr := w.call(wlRequest{Op: "listen", Addr: "127.0.0.1:0"}).Addr
 	cfg.SidecarPorts = []uint16{netip.MustParseAddrPort(addr).Port()}
+	cfg.QueueLimit = 32 << 20 // let 8 MiB per pair sit unread in the peers' queues
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -628,9 +632,9 @@ func TestLayoutChangeReplacesPinnedMaps(t *testing.T) {
 		replaced = append(replaced, r.Name)
 		t.Logf("replaced %s: %s", r.Name, r.Reason)
 	}
-	// mt_pairs is sized from MaxConns too.
-	if !slices.Equal(replaced, []string{"mt_pairs", "mt_sockhash", "mt_stats"}) {
-		t.Fatalf("replaced %v, want mt_pairs, mt_sockhash and mt_stats", replaced)
+	// mt_pairs and mt_sk_addrs are sized from MaxConns too.
+	if !slices.Equal(replaced, []string{"mt_pairs", "mt_sk_addrs", "mt_sockhash", "mt_stats"}) {
+		t.Fatalf("replaced %v, want mt_pairs, mt_sk_addrs, mt_sockhash and mt_stats", replaced)
 	}
 	for _, p := range st.Programs {
 		if p.Program == "mt_redir" && p.Adopted {

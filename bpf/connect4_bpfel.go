@@ -26,6 +26,7 @@ const (
 	connect4MapMtPairs          = "mt_pairs"
 	connect4MapMtRedirect       = "mt_redirect"
 	connect4MapMtSidecarCgroups = "mt_sidecar_cgroups"
+	connect4MapMtSkAddrs        = "mt_sk_addrs"
 	connect4MapMtSkStorage      = "mt_sk_storage"
 	connect4MapMtSockhash       = "mt_sockhash"
 	connect4MapMtStats          = "mt_stats"
@@ -91,6 +92,7 @@ type connect4MapSpecs struct {
 	MtPairs          *ebpf.MapSpec `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.MapSpec `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.MapSpec `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.MapSpec `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.MapSpec `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.MapSpec `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.MapSpec `ebpf:"mt_stats"`
@@ -132,6 +134,7 @@ type connect4Maps struct {
 	MtPairs          *ebpf.Map `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.Map `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.Map `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.Map `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.Map `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.Map `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.Map `ebpf:"mt_stats"`
@@ -149,6 +152,7 @@ func (m *connect4Maps) Close() error {
 		m.MtPairs,
 		m.MtRedirect,
 		m.MtSidecarCgroups,
+		m.MtSkAddrs,
 		m.MtSkStorage,
 		m.MtSockhash,
 		m.MtStats,

@@ -26,6 +26,7 @@ const (
 	getsockoptMapMtPairs          = "mt_pairs"
 	getsockoptMapMtRedirect       = "mt_redirect"
 	getsockoptMapMtSidecarCgroups = "mt_sidecar_cgroups"
+	getsockoptMapMtSkAddrs        = "mt_sk_addrs"
 	getsockoptMapMtSkStorage      = "mt_sk_storage"
 	getsockoptMapMtSockhash       = "mt_sockhash"
 	getsockoptMapMtStats          = "mt_stats"
@@ -91,6 +92,7 @@ type getsockoptMapSpecs struct {
 	MtPairs          *ebpf.MapSpec `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.MapSpec `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.MapSpec `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.MapSpec `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.MapSpec `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.MapSpec `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.MapSpec `ebpf:"mt_stats"`
@@ -132,6 +134,7 @@ type getsockoptMaps struct {
 	MtPairs          *ebpf.Map `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.Map `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.Map `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.Map `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.Map `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.Map `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.Map `ebpf:"mt_stats"`
@@ -149,6 +152,7 @@ func (m *getsockoptMaps) Close() error {
 		m.MtPairs,
 		m.MtRedirect,
 		m.MtSidecarCgroups,
+		m.MtSkAddrs,
 		m.MtSkStorage,
 		m.MtSockhash,
 		m.MtStats,

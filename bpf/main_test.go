@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(envWorkload) != "" {
 		os.Exit(workloadMain())
 	}
+	if cfg := os.Getenv(envAgent); cfg != "" {
+		os.Exit(agentMain(cfg))
+	}
 	flag.Parse()
 	unlock, err := testenv.LockBPF() // no other package loads mt_* objects meanwhile
 	if err != nil {

@@ -20,12 +20,48 @@
 #include <bpf/bpf_endian.h>
 #include "headers/mesh.h"
 #include "headers/maps.h"
+#include "headers/kernel.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
 /* Set by the loader. mt_small_msg 0 turns the small-write rule off (naive redirect). */
 volatile const __u32 mt_small_msg = 16384;
 volatile const __u32 mt_small_run = 16;
+/* Set by the loader: the most redirected bytes a peer may hold unread (0: no limit). */
+volatile const __u32 mt_queue_limit = 4 << 20;
+
+/* mt_peer_queued returns how many redirected bytes the peer socket holds unread in its
+ * psock; MT_PEER_NOT_OURS when the peer has no address record (sockops.c records every
+ * socket it inserts and forgets it when it closes), so it is not in our sockhash and the
+ * redirect would miss; MT_PEER_UNKNOWN when its queue can't be read (the socket at the
+ * address is another one by now, a read failed). */
+#define MT_PEER_NOT_OURS (-2)
+#define MT_PEER_UNKNOWN (-1)
+#define MT_PEER_BLOCKING (-3)
+static __always_inline __s64 mt_peer_queued(const struct mt_sock_key *peer, const struct mt_sock_key *own)
+{
+	struct mt_sk_addr *pa = bpf_map_lookup_elem(&mt_sk_addrs, peer);
+	struct mt_sk_addr *oa = bpf_map_lookup_elem(&mt_sk_addrs, own);
+	struct sock *sk;
+	struct sk_psock *psock;
+	__u64 cookie = 0;
+	__u32 tot = 0;
+
+	if (!pa)
+		return MT_PEER_NOT_OURS;
+	if (!pa->addr)
+		return MT_PEER_UNKNOWN;
+	sk = (struct sock *)pa->addr;
+	if (bpf_core_read(&cookie, sizeof(cookie), &sk->__sk_common.skc_cookie.counter) || cookie != pa->cookie)
+		return MT_PEER_UNKNOWN;
+	psock = mt_psock_of(sk);
+	if (!psock || bpf_core_read(&tot, sizeof(tot), &psock->msg_tot_len))
+		return MT_PEER_UNKNOWN;
+	/* Blocking reads (see the header): both ends must be non-blocking, or not redirect. */
+	if (mt_sk_blocking(sk) != 0 || !oa || mt_sk_blocking((struct sock *)oa->addr) != 0)
+		return MT_PEER_BLOCKING;
+	return tot;
+}
 
 /* The peer's key: this socket's key with the ends swapped. */
 static __always_inline int mt_peer_key_from_msg(struct sk_msg_md *msg, struct mt_sock_key *key)
@@ -87,7 +123,7 @@ int mt_redir(struct sk_msg_md *msg)
 		return mt_keep_on_tcp(c, size);
 	}
 
-	if (mt_small_msg) {
+	if (mt_small_msg || mt_queue_limit) {
 		struct mt_sock_key own;
 
 		mt_key_swap(&own, &peer);
@@ -111,7 +147,7 @@ int mt_redir(struct sk_msg_md *msg)
 				ps->last_sender = side;
 				ps->small_run = 0;
 			}
-			if (size >= mt_small_msg) {
+			if (!mt_small_msg || size >= mt_small_msg) {
 				ps->small_run = 0;
 			} else if (++ps->small_run >= mt_small_run) {
 				/* The whole pair leaves the redirect path; unhook.c then takes both
@@ -122,6 +158,39 @@ int mt_redir(struct sk_msg_md *msg)
 				mt_count(c, sock_demoted, 1);
 				return mt_keep_on_tcp(c, size);
 			}
+		}
+	}
+
+	/* Bounded queueing: a redirect skips TCP's flow control, so a peer that does not read
+	 * would collect every byte sent. Once it holds mt_queue_limit unread, the pair moves to
+	 * the TCP path for good (as for small writes: the peer reads its redirected bytes
+	 * first, then TCP's, so the order holds), where the sender blocks as on plain TCP.
+	 * Faithful reads: a blocking read(2) on a socket with a psock returns EAGAIN when a
+	 * signal interrupts its wait (tcp_bpf_recvmsg), where TCP restarts it; so a pair is
+	 * redirected only while both ends' files are non-blocking (event loops: Envoy, Go),
+	 * and moves to TCP for good when one is not. */
+	if (mt_queue_limit) {
+		struct mt_sock_key own;
+		__s64 queued;
+
+		mt_key_swap(&own, &peer);
+		queued = mt_peer_queued(&peer, &own);
+
+		/* A peer outside our sockhash: the redirect below misses (and demotes). */
+		if (queued != MT_PEER_NOT_OURS && (queued < 0 || queued + size > mt_queue_limit)) {
+			st->flags |= MT_SK_TCP_ONLY;
+			if (ps && !(ps->flags & MT_PAIR_DEMOTED)) {
+				ps->demoted_ns = bpf_ktime_get_ns();
+				ps->flags |= MT_PAIR_DEMOTED;
+			}
+			if (queued == MT_PEER_BLOCKING)
+				mt_count(c, sock_blocking_demoted, 1);
+			else if (queued < 0)
+				mt_count(c, queue_unknown, 1);
+			if (queued != MT_PEER_BLOCKING)
+				mt_count(c, sock_queue_demoted, 1);
+			mt_count(c, sock_demoted, 1);
+			return mt_keep_on_tcp(c, size);
 		}
 	}
 

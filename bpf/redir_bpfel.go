@@ -26,10 +26,12 @@ const (
 	redirMapMtPairs          = "mt_pairs"
 	redirMapMtRedirect       = "mt_redirect"
 	redirMapMtSidecarCgroups = "mt_sidecar_cgroups"
+	redirMapMtSkAddrs        = "mt_sk_addrs"
 	redirMapMtSkStorage      = "mt_sk_storage"
 	redirMapMtSockhash       = "mt_sockhash"
 	redirMapMtStats          = "mt_stats"
 	redirProgMtRedir         = "mt_redir"
+	redirVarMtQueueLimit     = "mt_queue_limit"
 	redirVarMtSmallMsg       = "mt_small_msg"
 	redirVarMtSmallRun       = "mt_small_run"
 )
@@ -93,6 +95,7 @@ type redirMapSpecs struct {
 	MtPairs          *ebpf.MapSpec `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.MapSpec `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.MapSpec `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.MapSpec `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.MapSpec `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.MapSpec `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.MapSpec `ebpf:"mt_stats"`
@@ -102,8 +105,9 @@ type redirMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type redirVariableSpecs struct {
-	MtSmallMsg *ebpf.VariableSpec `ebpf:"mt_small_msg"`
-	MtSmallRun *ebpf.VariableSpec `ebpf:"mt_small_run"`
+	MtQueueLimit *ebpf.VariableSpec `ebpf:"mt_queue_limit"`
+	MtSmallMsg   *ebpf.VariableSpec `ebpf:"mt_small_msg"`
+	MtSmallRun   *ebpf.VariableSpec `ebpf:"mt_small_run"`
 }
 
 // redirObjects contains all objects after they have been loaded into the kernel.
@@ -136,6 +140,7 @@ type redirMaps struct {
 	MtPairs          *ebpf.Map `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.Map `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.Map `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.Map `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.Map `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.Map `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.Map `ebpf:"mt_stats"`
@@ -153,6 +158,7 @@ func (m *redirMaps) Close() error {
 		m.MtPairs,
 		m.MtRedirect,
 		m.MtSidecarCgroups,
+		m.MtSkAddrs,
 		m.MtSkStorage,
 		m.MtSockhash,
 		m.MtStats,
@@ -163,8 +169,9 @@ func (m *redirMaps) Close() error {
 //
 // It can be passed to loadRedirObjects or ebpf.CollectionSpec.LoadAndAssign.
 type redirVariables struct {
-	MtSmallMsg *ebpf.Variable `ebpf:"mt_small_msg"`
-	MtSmallRun *ebpf.Variable `ebpf:"mt_small_run"`
+	MtQueueLimit *ebpf.Variable `ebpf:"mt_queue_limit"`
+	MtSmallMsg   *ebpf.Variable `ebpf:"mt_small_msg"`
+	MtSmallRun   *ebpf.Variable `ebpf:"mt_small_run"`
 }
 
 // redirPrograms contains all programs after they have been loaded into the kernel.

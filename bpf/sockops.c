@@ -12,6 +12,7 @@
 #define EBUSY 16
 #define ENOMEM 12
 #define E2BIG 7
+#define TCP_CLOSE 7
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -78,10 +79,26 @@ static __always_inline void mt_orig_dst_handoff(struct bpf_sock_ops *skops, stru
 	bpf_map_delete_elem(&mt_orig_by_cookie, &cookie);
 }
 
+/* A socket we inserted is closing: drop its address record (only its own: the cookie must
+ * match), so that a record exists exactly for the sockets of our sockhash. */
+static __always_inline void mt_forget_addr(struct bpf_sock_ops *skops)
+{
+	struct mt_sock_key key = {};
+	struct mt_sk_addr *addr;
+
+	if (skops->args[1] != TCP_CLOSE || mt_key_from_sockops(skops, &key) < 0)
+		return;
+	addr = bpf_map_lookup_elem(&mt_sk_addrs, &key);
+	if (addr && addr->cookie == bpf_get_socket_cookie(skops))
+		bpf_map_delete_elem(&mt_sk_addrs, &key);
+}
+
 SEC("sockops")
 int mt_sockops(struct bpf_sock_ops *skops)
 {
 	struct mt_sock_key key = {};
+	struct mt_sk_addr addr = {};
+	struct bpf_sock *sk;
 	struct mt_counters *c;
 	long err;
 
@@ -89,6 +106,9 @@ int mt_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		mt_forget_addr(skops);
+		return 1;
 	default:
 		return 1;
 	}
@@ -109,7 +129,20 @@ int mt_sockops(struct bpf_sock_ops *skops)
 		mt_count(c, sk_state_failed, 1);
 		return 1;
 	}
-	err = bpf_sock_hash_update(skops, &mt_sockhash, &key, BPF_NOEXIST);
+	/* Before the insert: once in the sockhash, the peer's sends may check our queue. */
+	addr.cookie = bpf_get_socket_cookie(skops);
+	sk = skops->sk;
+	if (sk)
+		addr.addr = (__u64)bpf_skc_to_tcp_sock(sk);
+	/* No record, no insert: redir.c takes a peer without a record for one outside our
+	 * sockhash. */
+	if (!addr.addr) {
+		mt_count(c, sock_insert_failed, 1);
+		return 1;
+	}
+	err = bpf_map_update_elem(&mt_sk_addrs, &key, &addr, BPF_ANY);
+	if (!err)
+		err = bpf_sock_hash_update(skops, &mt_sockhash, &key, BPF_NOEXIST);
 	if (err) {
 		mt_count(c, sock_insert_failed, 1);
 		if (err == -EBUSY)
@@ -119,5 +152,6 @@ int mt_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 	mt_count(c, sock_inserted, 1);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	return 1;
 }

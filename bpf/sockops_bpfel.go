@@ -20,27 +20,30 @@ type sockopsMtCidrKey struct {
 }
 
 type sockopsMtCounters struct {
-	_                 structs.HostLayout
-	SockInserted      uint64
-	SockInsertFailed  uint64
-	SockInsertBusy    uint64
-	SockInsertFull    uint64
-	SockSkipped       uint64
-	MsgRedirected     uint64
-	BytesRedirected   uint64
-	MsgFallthrough    uint64
-	BytesFallthrough  uint64
-	MsgTcpOnly        uint64
-	BytesTcpOnly      uint64
-	SkStateFailed     uint64
-	SockDemoted       uint64
-	SockUnhooked      uint64
-	UnhookDeferred    uint64
-	ConnectRedirected uint64
-	ConnectSidecar    uint64
-	ConnectExcluded   uint64
-	OrigDstRecorded   uint64
-	OrigDstAnswered   uint64
+	_                   structs.HostLayout
+	SockInserted        uint64
+	SockInsertFailed    uint64
+	SockInsertBusy      uint64
+	SockInsertFull      uint64
+	SockSkipped         uint64
+	MsgRedirected       uint64
+	BytesRedirected     uint64
+	MsgFallthrough      uint64
+	BytesFallthrough    uint64
+	MsgTcpOnly          uint64
+	BytesTcpOnly        uint64
+	SkStateFailed       uint64
+	SockDemoted         uint64
+	SockUnhooked        uint64
+	UnhookDeferred      uint64
+	ConnectRedirected   uint64
+	ConnectSidecar      uint64
+	ConnectExcluded     uint64
+	OrigDstRecorded     uint64
+	OrigDstAnswered     uint64
+	SockQueueDemoted    uint64
+	QueueUnknown        uint64
+	SockBlockingDemoted uint64
 }
 
 type sockopsMtIp struct {
@@ -82,6 +85,12 @@ type sockopsMtRedirectCfg struct {
 	Pad2         uint32
 }
 
+type sockopsMtSkAddr struct {
+	_      structs.HostLayout
+	Addr   uint64
+	Cookie uint64
+}
+
 type sockopsMtSkState struct {
 	_     structs.HostLayout
 	Flags uint32
@@ -109,6 +118,7 @@ const (
 	sockopsMapMtPairs          = "mt_pairs"
 	sockopsMapMtRedirect       = "mt_redirect"
 	sockopsMapMtSidecarCgroups = "mt_sidecar_cgroups"
+	sockopsMapMtSkAddrs        = "mt_sk_addrs"
 	sockopsMapMtSkStorage      = "mt_sk_storage"
 	sockopsMapMtSockhash       = "mt_sockhash"
 	sockopsMapMtStats          = "mt_stats"
@@ -174,6 +184,7 @@ type sockopsMapSpecs struct {
 	MtPairs          *ebpf.MapSpec `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.MapSpec `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.MapSpec `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.MapSpec `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.MapSpec `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.MapSpec `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.MapSpec `ebpf:"mt_stats"`
@@ -215,6 +226,7 @@ type sockopsMaps struct {
 	MtPairs          *ebpf.Map `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.Map `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.Map `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.Map `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.Map `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.Map `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.Map `ebpf:"mt_stats"`
@@ -232,6 +244,7 @@ func (m *sockopsMaps) Close() error {
 		m.MtPairs,
 		m.MtRedirect,
 		m.MtSidecarCgroups,
+		m.MtSkAddrs,
 		m.MtSkStorage,
 		m.MtSockhash,
 		m.MtStats,

@@ -39,6 +39,15 @@ type Stats struct {
 	// socket in place for now (grace period, or redirected bytes still unread).
 	SocketsUnhooked uint64 `json:"sockets_unhooked"`
 	UnhookDeferred  uint64 `json:"unhook_deferred"`
+	// QueueDemoted counts sends that found their peer holding Config.QueueLimit redirected
+	// bytes unread (or its queue unreadable, QueueUnknown): their pair moved to the TCP
+	// path, where flow control applies. Counted in SocketsDemoted as well.
+	QueueDemoted uint64 `json:"queue_demoted"`
+	QueueUnknown uint64 `json:"queue_unknown"`
+	// BlockingDemoted counts sends whose pair moved to the TCP path because one end's file
+	// is in blocking mode (a signal would turn its blocking read into EAGAIN when
+	// redirected); counted in SocketsDemoted as well.
+	BlockingDemoted uint64 `json:"blocking_demoted"`
 	// ConnectRedirected counts connects the redirect mode sent to the sidecar;
 	// ConnectSidecar and ConnectExcluded those it left alone because the sidecar made them
 	// or their destination is excluded.
@@ -91,6 +100,9 @@ func readStats(m *ebpf.Map) (Stats, error) {
 		s.ConnectExcluded += c.ConnectExcluded
 		s.OrigDstRecorded += c.OrigDstRecorded
 		s.OrigDstAnswered += c.OrigDstAnswered
+		s.QueueDemoted += c.SockQueueDemoted
+		s.QueueUnknown += c.QueueUnknown
+		s.BlockingDemoted += c.SockBlockingDemoted
 	}
 	return s, nil
 }

@@ -32,57 +32,14 @@
 #include <bpf/bpf_core_read.h>
 #include "headers/mesh.h"
 #include "headers/maps.h"
+#include "headers/kernel.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
 /* Set by the loader. */
 volatile const __u64 mt_unhook_grace_ns = 10000000;
 
-/* The kernel types this program reads, by name and CO-RE relocation (no vmlinux.h). */
-struct bpf_iter_meta {
-	struct seq_file *seq;
-} __attribute__((preserve_access_index));
-
-struct bpf_iter__sockmap {
-	struct bpf_iter_meta *meta;
-	struct bpf_map *map;
-	void *key;
-	struct sock *sk;
-} __attribute__((preserve_access_index));
-
-struct sock {
-	void *sk_user_data;
-} __attribute__((preserve_access_index));
-
-struct list_head {
-	struct list_head *next;
-	struct list_head *prev;
-} __attribute__((preserve_access_index));
-
-struct sk_buff_head {
-	__u32 qlen;
-} __attribute__((preserve_access_index));
-
-typedef struct {
-	int counter;
-} atomic_t;
-
-typedef struct refcount_struct {
-	atomic_t refs;
-} refcount_t;
-
-struct sk_psock {
-	struct sk_msg *cork;
-	struct sk_buff_head ingress_skb;
-	struct list_head ingress_msg;
-	__u32 msg_tot_len;
-	refcount_t refcnt;
-} __attribute__((preserve_access_index));
-
 #define MT_REFS_SAMPLES 512
-
-/* sk_user_data carries flag bits (SK_USER_DATA_NOCOPY, _BPF, _PSOCK) below the pointer. */
-#define MT_SK_USER_DATA_PTRMASK (~7UL)
 
 /* mt_psock_read reads what the rules above need from the socket's psock: whether anything is
  * queued that removing the psock would drop, and its reference count. 0 when unreadable. */

@@ -26,6 +26,7 @@ const (
 	unhookMapMtPairs          = "mt_pairs"
 	unhookMapMtRedirect       = "mt_redirect"
 	unhookMapMtSidecarCgroups = "mt_sidecar_cgroups"
+	unhookMapMtSkAddrs        = "mt_sk_addrs"
 	unhookMapMtSkStorage      = "mt_sk_storage"
 	unhookMapMtSockhash       = "mt_sockhash"
 	unhookMapMtStats          = "mt_stats"
@@ -92,6 +93,7 @@ type unhookMapSpecs struct {
 	MtPairs          *ebpf.MapSpec `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.MapSpec `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.MapSpec `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.MapSpec `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.MapSpec `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.MapSpec `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.MapSpec `ebpf:"mt_stats"`
@@ -134,6 +136,7 @@ type unhookMaps struct {
 	MtPairs          *ebpf.Map `ebpf:"mt_pairs"`
 	MtRedirect       *ebpf.Map `ebpf:"mt_redirect"`
 	MtSidecarCgroups *ebpf.Map `ebpf:"mt_sidecar_cgroups"`
+	MtSkAddrs        *ebpf.Map `ebpf:"mt_sk_addrs"`
 	MtSkStorage      *ebpf.Map `ebpf:"mt_sk_storage"`
 	MtSockhash       *ebpf.Map `ebpf:"mt_sockhash"`
 	MtStats          *ebpf.Map `ebpf:"mt_stats"`
@@ -151,6 +154,7 @@ func (m *unhookMaps) Close() error {
 		m.MtPairs,
 		m.MtRedirect,
 		m.MtSidecarCgroups,
+		m.MtSkAddrs,
 		m.MtSkStorage,
 		m.MtSockhash,
 		m.MtStats,

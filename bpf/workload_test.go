@@ -20,7 +20,9 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -47,6 +49,9 @@ type wlRequest struct {
 	OneWay   bool   `json:"one_way,omitempty"` // stream: client to server only
 	// send/recv: server to client instead; send writes in MinWrite chunks when set.
 	Reverse bool `json:"reverse,omitempty"`
+	// fill: every pair at once, without keeping what was written for a later "recv"
+	// (benchmarks' floods); rep.Bytes is the sum.
+	Flood bool `json:"flood,omitempty"`
 }
 
 type wlSock struct {
@@ -167,6 +172,33 @@ func (w *wlState) do(req wlRequest, rep *wlReply) error {
 		return nil
 	case "send":
 		return w.send(req)
+	case "sigread": // blocking reads under signals on the last pair's server (see sigRead)
+		return w.sigRead(req, rep)
+	case "fill": // write on pair req.N's client until the idle server makes it block
+		if !req.Flood {
+			return w.fill(req, rep)
+		}
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for i := range w.pairs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r := req
+				r.N, r.Seed = i, req.Seed+uint64(i)
+				var one wlReply
+				err := w.fill(r, &one)
+				mu.Lock()
+				defer mu.Unlock()
+				rep.Bytes += one.Bytes
+				rep.Problems = append(rep.Problems, one.Problems...)
+				if err != nil {
+					rep.Problems = append(rep.Problems, err.Error())
+				}
+			}()
+		}
+		wg.Wait()
+		return nil
 	case "recv":
 		rep.Bytes, rep.Problems = w.recv(req)
 		return nil
@@ -369,6 +401,158 @@ func (w *wlState) send(req wlRequest) error {
 			}
 		}
 		*pending = append(*pending, b...)
+	}
+	return nil
+}
+
+// fill writes random bytes in 64 KiB writes on pair req.N's client, with nobody reading,
+// until a write makes no progress for 500 ms: the sender is blocked (or req.Bytes, when set,
+// are queued). rep.Bytes is what was
+// queued; every write error other than the deadline is a problem (ENOMEM above all).
+func (w *wlState) fill(req wlRequest, rep *wlReply) error {
+	p := w.pairs[req.N]
+	src := rand.NewChaCha8(seedBytes(req.Seed))
+	chunk := make([]byte, 64<<10)
+	for {
+		_, _ = src.Read(chunk)
+		if err := p.client.SetWriteDeadline(time.Now().Add(500 * time.Millisecond)); err != nil {
+			return err
+		}
+		n, err := p.client.Write(chunk)
+		if !req.Flood {
+			p.pending = append(p.pending, chunk[:n]...)
+		}
+		rep.Bytes += int64(n)
+		if errors.Is(err, os.ErrDeadlineExceeded) && n == 0 {
+			break
+		}
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			rep.Problems = append(rep.Problems, fmt.Sprintf("write after %d bytes: %v", rep.Bytes, err))
+			break
+		}
+		if req.Bytes > 0 && rep.Bytes >= req.Bytes {
+			break
+		}
+		if rep.Bytes > 1<<30 {
+			rep.Problems = append(rep.Problems, "queued 1 GiB without blocking")
+			break
+		}
+	}
+	return p.client.SetWriteDeadline(time.Time{})
+}
+
+// sigRead: the last pair's server reads with blocking read(2) calls on its own thread,
+// which gets SIGUSR1 (an SA_RESTART handler, as every Go handler) about every millisecond;
+// the client sends req.N requests of 64 bytes, each answered by the server with the same
+// bytes, so the small-write rule never trips. rep.Seen counts what read returned besides
+// data: "EAGAIN" and "EINTR" per occurrence; wrong bytes are problems.
+func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
+	p := w.pairs[len(w.pairs)-1]
+	rc, err := p.server.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var fd int
+	if err := rc.Control(func(f uintptr) { fd = int(f) }); err != nil {
+		return err
+	}
+	if err := unix.SetNonblock(fd, false); err != nil {
+		return err
+	}
+	defer unix.SetNonblock(fd, true)
+	signal.Notify(make(chan os.Signal, 1), syscall.SIGUSR1)
+	defer signal.Reset(syscall.SIGUSR1)
+
+	tid := make(chan int, 1)
+	type result struct {
+		eagain, eintr int
+		problems      []string
+	}
+	res := make(chan result, 1)
+	go func() { // the blocking reader
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		tid <- unix.Gettid()
+		var r result
+		buf := make([]byte, 64)
+		for i := 0; i < req.N; i++ {
+			got := 0
+			for got < len(buf) {
+				n, err := unix.Read(fd, buf[got:])
+				switch {
+				case err == unix.EAGAIN:
+					r.eagain++
+					continue
+				case err == unix.EINTR:
+					r.eintr++
+					continue
+				case err != nil || n == 0:
+					r.problems = append(r.problems, fmt.Sprintf("request %d: read: %d %v", i, n, err))
+					res <- r
+					return
+				}
+				got += n
+			}
+			if buf[0] != byte(i) || buf[63] != byte(i) {
+				r.problems = append(r.problems, fmt.Sprintf("request %d: wrong bytes %d..%d", i, buf[0], buf[63]))
+			}
+			if _, err := unix.Write(fd, buf); err != nil {
+				r.problems = append(r.problems, fmt.Sprintf("request %d: reply: %v", i, err))
+				res <- r
+				return
+			}
+		}
+		res <- r
+	}()
+	reader := <-tid
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // about 1 kHz of signals at the reader's thread
+		defer wg.Done()
+		t := time.NewTicker(time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				_ = unix.Tgkill(os.Getpid(), reader, syscall.SIGUSR1)
+			}
+		}
+	}()
+	msg, back := make([]byte, 64), make([]byte, 64)
+	for i := 0; i < req.N; i++ {
+		for j := range msg {
+			msg[j] = byte(i)
+		}
+		if _, err := p.client.Write(msg); err != nil {
+			rep.Problems = append(rep.Problems, fmt.Sprintf("request %d: write: %v", i, err))
+			break
+		}
+		_ = p.client.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(p.client, back); err != nil {
+			rep.Problems = append(rep.Problems, fmt.Sprintf("request %d: read reply: %v", i, err))
+			break
+		}
+		time.Sleep(time.Millisecond) // the reader waits, blocked, between requests
+	}
+	_ = p.client.SetReadDeadline(time.Time{})
+	close(stop)
+	wg.Wait()
+	var r result
+	select {
+	case r = <-res:
+	case <-time.After(10 * time.Second):
+		return errors.New("blocking reader stuck")
+	}
+	rep.Problems = append(rep.Problems, r.problems...)
+	rep.Bytes = int64(req.N) * 64
+	for range r.eagain {
+		rep.Seen = append(rep.Seen, "EAGAIN")
+	}
+	for range r.eintr {
+		rep.Seen = append(rep.Seen, "EINTR")
 	}
 	return nil
 }

@@ -64,6 +64,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mt_pairs SEC(".maps");
 
+/* Kernel address and cookie of each socket put into mt_sockhash, by its key (sockops.c), for
+ * redir.c's queue limit. Written before the insert (no record, no insert) and deleted when
+ * the socket closes: a socket without a record is not in our sockhash. Not LRU: evicting a
+ * live socket's record would make it look like a stranger. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MT_MAX_CONNS);
+	__type(key, struct mt_sock_key);
+	__type(value, struct mt_sk_addr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_sk_addrs SEC(".maps");
+
 /* iptables-free redirection: its switch and the sidecar's outbound address (one entry). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -73,6 +73,9 @@ struct mt_counters {
 	__u64 connect_excluded;   /* connects to an excluded port or CIDR: never redirected */
 	__u64 orig_dst_recorded;  /* original destinations handed from connect to the 4-tuple */
 	__u64 orig_dst_answered;  /* SO_ORIGINAL_DST answered by getsockopt.c */
+	__u64 sock_queue_demoted; /* pairs moved to TCP: the peer held mt_queue_limit unread */
+	__u64 queue_unknown;      /* ... or its queue could not be read (counted in both) */
+	__u64 sock_blocking_demoted; /* pairs moved to TCP: an end's file is in blocking mode */
 };
 
 /* Per-socket state (socket local storage). */
@@ -115,6 +118,15 @@ static __always_inline int mt_is_quiet(const struct mt_pair_state *ps, __u32 sid
 {
 	return side == 1 ? ps->quiet[0] : ps->quiet[1];
 }
+
+/* Where a socket of the sockhash lives (struct sock *), and its cookie, so that redir.c can
+ * read how many redirected bytes its peer holds unread: an sk_msg program can't look a
+ * socket up (that needs bpf_sk_release, which it lacks). The address is only ever read with
+ * bpf_probe_read_kernel and trusted only while the cookie read there still matches. */
+struct mt_sk_addr {
+	__u64 addr;
+	__u64 cookie;
+};
 
 /* iptables-free redirection (connect4.c, getsockopt.c). One entry, written by the loader. */
 struct mt_redirect_cfg {

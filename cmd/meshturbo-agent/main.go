@@ -56,6 +56,7 @@ type args struct {
 	maxConns     uint
 	smallMsg     uint
 	smallRun     uint
+	queueLimit   uint
 	naive        bool
 	keepDemoted  bool
 	coexist      bool
@@ -90,6 +91,7 @@ func parseArgs(argv []string, stderr io.Writer) (args, error) {
 	fs.UintVar(&a.maxConns, "max-conns", bpf.DefaultMaxConns, "sockhash size (accelerated sockets, two per connection)")
 	fs.UintVar(&a.smallMsg, "small-msg", bpf.DefaultSmallMsg, "sends below this many bytes are small (see -small-run)")
 	fs.UintVar(&a.smallRun, "small-run", bpf.DefaultSmallRun, "a socket making this many small sends in a row, with no send of its peer between, moves to TCP for good")
+	fs.UintVar(&a.queueLimit, "queue-limit", bpf.DefaultQueueLimit, "bytes a socket may hold unread from redirects; a pair reaching it moves to TCP (flow control) for good")
 	fs.BoolVar(&a.naive, "naive-redirect", false, "redirect every send of a mesh socket (no small-write rule); for benchmarks")
 	fs.BoolVar(&a.keepDemoted, "keep-demoted", false, "leave sockets moved to TCP in the sockhash instead of unhooking them; for benchmarks")
 	fs.BoolVar(&a.coexist, "coexist-with-other-owners", false, "run beside another sockmap owner on the cgroup (Cilium, Merbridge, another agent) instead of refusing; the sockets it holds stay its own, counted as insert_failed{reason=\"busy\"}")
@@ -101,7 +103,7 @@ func parseArgs(argv []string, stderr io.Writer) (args, error) {
 	if err := fs.Parse(argv); err != nil {
 		return args{}, err
 	}
-	for name, v := range map[string]uint{"max-conns": a.maxConns, "small-msg": a.smallMsg, "small-run": a.smallRun} {
+	for name, v := range map[string]uint{"max-conns": a.maxConns, "small-msg": a.smallMsg, "small-run": a.smallRun, "queue-limit": a.queueLimit} {
 		if v > 1<<30 {
 			fmt.Fprintf(stderr, "meshturbo-agent: -%s %d is too large\n", name, v)
 			return args{}, errors.New("value too large")

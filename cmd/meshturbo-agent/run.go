@@ -199,6 +199,7 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 		MaxConns:               uint32(a.maxConns),
 		SmallMsg:               uint32(a.smallMsg),
 		SmallRun:               uint32(a.smallRun),
+		QueueLimit:             uint32(a.queueLimit),
 		NaiveRedirect:          a.naive,
 		KeepDemoted:            a.keepDemoted,
 		CoexistWithOtherOwners: a.coexist,
