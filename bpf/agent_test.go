@@ -207,7 +207,11 @@ func TestSmallWriteRule(t *testing.T) {
 	requirePrivileges(t)
 	cg := testCgroup(t)
 	w := startWorkload(t, cg)
-	a := newAgent(t, testConfig(t, cg))
+	cfg := testConfig(t, cg)
+	// This test is about the small-write rule: a reader that falls behind on a loaded machine
+	// must not demote the large writes through the queue bound (TestQueueBounded covers it).
+	cfg.QueueLimit = 256 << 20
+	a := newAgent(t, cfg)
 	addr := w.call(wlRequest{Op: "listen", Addr: "127.0.0.1:0"}).Addr
 	if err := a.SetMesh(nil, []uint16{netip.MustParseAddrPort(addr).Port()}); err != nil {
 		t.Fatal(err)

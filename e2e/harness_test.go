@@ -143,7 +143,9 @@ func (s *sidecar) awaitCall(target string, within time.Duration, what string, ch
 // same port on 127.0.0.1, as it would on another host.
 func startHTTPServer(t *testing.T, greeting string) (host string, port int) {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.2:0")
+	// Free on 127.0.0.1 too: Envoy listens with SO_REUSEPORT, so a sidecar binding a port some
+	// other test's Envoy holds would silently share its connections.
+	lis, err := testenv.ListenSharedPort("127.0.0.2", "127.0.0.1")
 	if err != nil {
 		t.Fatal(err)
 	}

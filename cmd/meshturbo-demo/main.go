@@ -75,7 +75,7 @@ type sample struct {
 }
 
 func (s *sample) start() error {
-	lis, err := net.Listen("tcp", net.JoinHostPort(s.ip, "0"))
+	lis, err := testenv.ListenSharedPort(s.ip, "127.0.0.1") // the sidecar binds the same port on 127.0.0.1
 	if err != nil {
 		return fmt.Errorf("sample %s: %w", s.name, err)
 	}
