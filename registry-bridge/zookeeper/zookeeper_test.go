@@ -189,15 +189,15 @@ func TestSessionExpiry(t *testing.T) {
 	c := dial(t, z.Addr)
 	create(t, c, providerPath(greeter, greeterA), nil)
 	create(t, c, providerPath(greeter, greeterB), nil)
-	p := startProxy(t, z.Addr)
+	p := testenv.StartTCPProxy(t, z.Addr)
 
-	_, rec, logs := startWatcher(t, Config{Servers: []string{p.addr()}, SessionTimeout: 2 * time.Second, Resync: time.Hour})
+	_, rec, logs := startWatcher(t, Config{Servers: []string{p.Addr}, SessionTimeout: 2 * time.Second, Resync: time.Hour})
 	const host = "com.example.greeter.dubbo"
 	rec.wait(t, changeTimeout, want(map[string][]string{host: {"10.0.0.1:20880 TCP w20", "10.0.0.2:20880 TCP w100"}}))
 	session := logs.wait(t, time.Second, "establishing the session", msgIs(slog.LevelInfo, "zookeeper session established")).attrs["session"]
 	published := rec.count()
 
-	p.cut()
+	p.Cut()
 	logs.wait(t, changeTimeout, "about the lost connection", msgIs(slog.LevelWarn, "zookeeper connection lost"))
 	waitSessionGone(t, z.Addr, session)
 
@@ -208,7 +208,7 @@ func TestSessionExpiry(t *testing.T) {
 		t.Fatalf("%d snapshots published while cut off", n-published)
 	}
 
-	p.restore()
+	p.Restore()
 	restored := time.Now()
 	rec.wait(t, 5*time.Second, want(map[string][]string{host: {"10.0.0.1:20880 TCP w20", "10.0.0.3:20880 TCP w100"}}))
 	t.Logf("caught up %v after the network came back", time.Since(restored).Round(time.Millisecond))
