@@ -8,6 +8,8 @@ import (
 	"io"
 	"net/http"
 	"os"
+
+	adminapi "github.com/meshturbo/meshturbo/internal/admin"
 )
 
 // UpgradeBody is the JSON body of POST /v1/upgrade. Empty fields keep what runs now.
@@ -55,10 +57,4 @@ func (m *Manager) UpgradeHandler() http.Handler {
 	})
 }
 
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(v)
-}
+func writeJSON(w http.ResponseWriter, code int, v any) { _ = adminapi.WriteJSON(w, code, v) }

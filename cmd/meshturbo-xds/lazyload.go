@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -164,13 +163,7 @@ func (l *lazyLoad) handle(adm *admin.Server) {
 	}))
 }
 
-func writeJSON(w http.ResponseWriter, code int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(v)
-}
+func writeJSON(w http.ResponseWriter, code int, v any) { _ = admin.WriteJSON(w, code, v) }
 
 // lazyCollector exports lazy loading's counters.
 type lazyCollector struct {

@@ -183,13 +183,19 @@ func (s *Server) Addr() string {
 // HandleJSON serves the value returned by f as JSON on GET path.
 func (s *Server) HandleJSON(path string, f func() any) {
 	s.mux.HandleFunc("GET "+path, func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(f()); err != nil {
+		if err := WriteJSON(w, http.StatusOK, f()); err != nil {
 			s.cfg.Logger.Warn("admin: encode response", "path", path, "error", err)
 		}
 	})
+}
+
+// WriteJSON answers with status code and v as indented JSON, as every admin API does.
+func WriteJSON(w http.ResponseWriter, code int, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 // Handle registers a handler for a ServeMux pattern.
