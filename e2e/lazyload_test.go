@@ -259,14 +259,7 @@ func awaitEnvoy(t *testing.T, adminAddr string, within time.Duration, what strin
 func envoyAdmin(addr, path string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return string(b), err
+	return testenv.AdminGet(ctx, addr, path)
 }
 
 // fallbackCalls counts the calls the fallback Envoy forwarded to s (requests for HTTP

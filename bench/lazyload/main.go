@@ -363,16 +363,9 @@ func await(within time.Duration, what string, check func() error) error {
 }
 
 func adminGet(addr, path string) (string, error) {
-	resp, err := http.Get("http://" + addr + path)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err == nil && resp.StatusCode != 200 {
-		err = fmt.Errorf("GET %s: HTTP %d", path, resp.StatusCode)
-	}
-	return string(b), err
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return testenv.AdminGet(ctx, addr, path)
 }
 
 // countClusters counts the clusters in Envoy whose name contains sub.

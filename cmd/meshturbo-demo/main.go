@@ -512,14 +512,7 @@ func writeMeshCA(dir string) error {
 
 // adminGet reads an Envoy admin page.
 func adminGet(ctx context.Context, addr, path string) (string, error) {
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return string(b), err
+	return testenv.AdminGet(ctx, addr, path)
 }
 
 // await polls check until it passes, within passes or ctx ends.

@@ -61,9 +61,23 @@ func httpGet(ctx context.Context, url string, header ...string) (int, []byte, er
 		return 0, nil, err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20)) // an Envoy config_dump is MBs
 	if err != nil {
 		return 0, nil, fmt.Errorf("GET %s: read body: %w", url, err)
 	}
 	return resp.StatusCode, body, nil
+}
+
+// AdminGet returns the body of GET http://<addr><path> from an admin API (Envoy's or a
+// daemon's); a status other than 2xx is an error naming the URL and the answer.
+func AdminGet(ctx context.Context, addr, path string) (string, error) {
+	url := "http://" + addr + path
+	code, body, err := httpGet(ctx, url)
+	if err != nil {
+		return "", err
+	}
+	if code < 200 || code > 299 {
+		return "", fmt.Errorf("GET %s: HTTP %d: %.200s", url, code, body)
+	}
+	return string(body), nil
 }
