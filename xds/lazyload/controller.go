@@ -122,6 +122,7 @@ type Controller struct {
 	log   *slog.Logger
 	graph *Graph
 	bySA  map[string]*Workload // "<ns>/<sa>" → workload
+	byID  map[string]*Workload // "<ns>/<name>" → workload
 
 	wake chan struct{}
 	stop chan struct{}
@@ -147,12 +148,14 @@ func New(cfg Config) (*Controller, error) {
 	}
 	c := &Controller{
 		cfg: cfg, log: cfg.Logger, graph: NewGraph(cfg.EdgeTTL, cfg.Now), bySA: map[string]*Workload{},
+		byID: map[string]*Workload{},
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{}),
 		scopes: map[string]Scope{}, hits: map[string]uint64{}, published: map[string]time.Time{},
 	}
 	for i := range c.cfg.Workloads {
 		w := &c.cfg.Workloads[i]
 		c.bySA[w.Namespace+"/"+w.ServiceAccount] = w
+		c.byID[w.ID()] = w
 	}
 	if cfg.StateFile != "" {
 		st, err := loadState(cfg.StateFile)
@@ -344,14 +347,7 @@ func (c *Controller) publish(cat *model.Catalog, id *Identity) error {
 	return nil
 }
 
-func (c *Controller) workload(id string) *Workload {
-	for i := range c.cfg.Workloads {
-		if c.cfg.Workloads[i].ID() == id {
-			return &c.cfg.Workloads[i]
-		}
-	}
-	return nil
-}
+func (c *Controller) workload(id string) *Workload { return c.byID[id] }
 
 func (c *Controller) persist(force bool) {
 	if c.cfg.StateFile == "" {
