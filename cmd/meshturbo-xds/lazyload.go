@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
@@ -115,7 +116,7 @@ func (l *lazyLoad) renew(trustDomain, namespace, sa string, log *slog.Logger) {
 // startFallback runs the fallback Envoy when the config names its binary.
 func (l *lazyLoad) startFallback(ctx context.Context, xdsAddr string, log *slog.Logger) error {
 	if l.cfg.Fallback.Envoy == "" {
-		log.Info("lazy loading on; the fallback Envoy runs elsewhere", "bootstrap", "meshturbo-xds -fallback-bootstrap")
+		log.Info("lazy loading on; the fallback Envoy runs elsewhere", "bootstrap", "meshturbo-xds -config <file> -fallback-bootstrap <this xDS address>")
 		return nil
 	}
 	bs, err := lazyload.FallbackBootstrap(xdsAddr, l.cfg.Fallback.Admin)
@@ -216,4 +217,23 @@ func (c *lazyCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstHistogram(c.lag, uint64(len(st.DirectLag)), sum, buckets)
 	ch <- prometheus.MustNewConstMetric(c.unroutable, prometheus.GaugeValue, float64(len(st.Unroutable)))
+}
+
+// printFallbackBootstrap writes the bootstrap of a fallback Envoy that is run outside
+// meshturbo-xds (lazyload.fallback.envoy unset): ADS and access logs to a.fallbackBootstrap,
+// admin on lazyload.fallback.admin.
+func printFallbackBootstrap(a args, w io.Writer) error {
+	cfg, err := a.loadConfig()
+	if err != nil {
+		return err
+	}
+	if cfg.LazyLoad == nil {
+		return errors.New("-fallback-bootstrap: the config has no lazyload section")
+	}
+	bs, err := lazyload.FallbackBootstrap(a.fallbackBootstrap, cfg.LazyLoad.Fallback.Admin)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", bs)
+	return err
 }

@@ -36,6 +36,9 @@ type args struct {
 	eureka    string
 	namespace string
 	logLevel  string
+	// fallbackBootstrap, when set, is meshturbo-xds's xDS address as the lazy-load fallback
+	// Envoy reaches it: print that Envoy's bootstrap and exit.
+	fallbackBootstrap string
 }
 
 func main() {
@@ -49,6 +52,7 @@ func main() {
 	flag.StringVar(&a.eureka, "eureka", "", "Eureka base URL to bridge, e.g. http://127.0.0.1:8761/eureka")
 	flag.StringVar(&a.namespace, "namespace", "meshturbo-system", "Istio namespace of the generated ServiceEntries")
 	flag.StringVar(&a.logLevel, "log-level", "info", "debug, info, warn or error")
+	flag.StringVar(&a.fallbackBootstrap, "fallback-bootstrap", "", "print the bootstrap of a lazy-load fallback Envoy run elsewhere, which reaches meshturbo-xds at this host:port, and exit (needs -config with lazyload)")
 	flag.Parse()
 	a.set = map[string]bool{}
 	flag.Visit(func(f *flag.Flag) { a.set[f.Name] = true })
@@ -57,6 +61,13 @@ func main() {
 	if err := level.UnmarshalText([]byte(a.logLevel)); err != nil {
 		fmt.Fprintf(os.Stderr, "meshturbo-xds: -log-level %q: %v\n", a.logLevel, err)
 		os.Exit(2)
+	}
+	if a.fallbackBootstrap != "" {
+		if err := printFallbackBootstrap(a, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, "meshturbo-xds:", err)
+			os.Exit(1)
+		}
+		return
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
