@@ -267,8 +267,8 @@ func (c *Controller) run() {
 	persist := time.NewTicker(c.cfg.PersistInterval)
 	defer persist.Stop()
 	var lastVersion uint64 = 1<<64 - 1
-	var lastCatalog *model.Catalog
-	lastIdentity := -1
+	var lastCatalog, fallbackCatalog *model.Catalog
+	lastIdentity, fallbackIdentity := -1, -1
 	for {
 		select {
 		case <-c.stop:
@@ -289,8 +289,18 @@ func (c *Controller) run() {
 		if cat == nil {
 			continue
 		}
+		// The fallback follows the catalog and its certificate only: a new edge does not
+		// rebuild it. It goes first: a scope must never drop a host before the fallback can
+		// serve it.
+		if cat != fallbackCatalog || idGen != fallbackIdentity {
+			if err := c.publishFallback(cat, &id); err != nil {
+				c.log.Error("lazy-load fallback config not served; the previous one stays in force", "error", err)
+				continue
+			}
+			fallbackCatalog, fallbackIdentity = cat, idGen
+		}
 		if v := c.graph.Version(); v != lastVersion || cat != lastCatalog || idGen != lastIdentity {
-			if err := c.publish(cat, &id); err != nil {
+			if err := c.publish(cat); err != nil {
 				c.log.Error("lazy-load scopes not served; the previous ones stay in force", "error", err)
 				continue
 			}
@@ -299,13 +309,12 @@ func (c *Controller) run() {
 	}
 }
 
-// publish computes every scope and the fallback's config and serves them.
-func (c *Controller) publish(cat *model.Catalog, id *Identity) error {
+// publishFallback serves the fallback Envoy's config for cat.
+func (c *Controller) publishFallback(cat *model.Catalog, id *Identity) error {
 	fr, err := fallbackResources(cat, c.cfg.Fallback, id)
 	if err != nil {
 		return err
 	}
-	// The fallback's config first: a scope must never drop a host before the fallback can serve it.
 	if _, err := c.cfg.Store.SetEnvoy(typeSecret, fr.Secrets); err != nil {
 		return err
 	}
@@ -315,6 +324,14 @@ func (c *Controller) publish(cat *model.Catalog, id *Identity) error {
 	if _, err := c.cfg.Store.SetEnvoy(typeListener, fr.Listeners); err != nil {
 		return err
 	}
+	c.mu.Lock()
+	c.unroutable = fr.Unroutable
+	c.mu.Unlock()
+	return nil
+}
+
+// publish computes every workload's scope and serves the Sidecars.
+func (c *Controller) publish(cat *model.Catalog) error {
 	scopes := map[string]Scope{}
 	res := make([]xds.Resource, 0, len(c.cfg.Workloads))
 	for i := range c.cfg.Workloads {
@@ -339,7 +356,6 @@ func (c *Controller) publish(cat *model.Catalog, id *Identity) error {
 		scopes[id] = s
 	}
 	c.scopes = scopes
-	c.unroutable = fr.Unroutable
 	c.mu.Unlock()
 	for id := range scopes {
 		c.graph.MarkPublished(id, now)
