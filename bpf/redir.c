@@ -34,11 +34,13 @@ volatile const __u32 mt_queue_limit = 4 << 20;
  * psock; MT_PEER_NOT_OURS when the peer has no address record (sockops.c records every
  * socket it inserts and forgets it when it closes), so it is not in our sockhash and the
  * redirect would miss; MT_PEER_UNKNOWN when its queue can't be read (the socket at the
- * address is another one by now, a read failed). */
+ * address is another one by now, a read failed). With want_caught_up, *caught_up says whether
+ * the peer has read every byte this socket sent on the TCP path (see the back-off below). */
 #define MT_PEER_NOT_OURS (-2)
 #define MT_PEER_UNKNOWN (-1)
 #define MT_PEER_BLOCKING (-3)
-static __always_inline __s64 mt_peer_queued(const struct mt_sock_key *peer, const struct mt_sock_key *own)
+static __always_inline __s64 mt_peer_queued(const struct mt_sock_key *peer, const struct mt_sock_key *own, int want_caught_up,
+					   int *caught_up)
 {
 	struct mt_sk_addr *pa = bpf_map_lookup_elem(&mt_sk_addrs, peer);
 	struct mt_sk_addr *oa = bpf_map_lookup_elem(&mt_sk_addrs, own);
@@ -46,6 +48,7 @@ static __always_inline __s64 mt_peer_queued(const struct mt_sock_key *peer, cons
 	struct sk_psock *psock;
 	__u64 cookie = 0;
 	__u32 tot = 0;
+	int pb, ob;
 
 	if (!pa)
 		return MT_PEER_NOT_OURS;
@@ -57,9 +60,29 @@ static __always_inline __s64 mt_peer_queued(const struct mt_sock_key *peer, cons
 	psock = mt_psock_of(sk);
 	if (!psock || bpf_core_read(&tot, sizeof(tot), &psock->msg_tot_len))
 		return MT_PEER_UNKNOWN;
-	/* Blocking reads (see the header): both ends must be non-blocking, or not redirect. */
-	if (mt_sk_blocking(sk) != 0 || !oa || mt_sk_blocking((struct sock *)oa->addr) != 0)
+	/* Blocking reads (see below): no end may be blocking. An end not accepted yet (no file)
+	 * does not stop the redirect: a client commonly sends before the server accepts, and
+	 * should the accepted socket turn out blocking, the first send after that moves the
+	 * pair to TCP, whose bytes its reader reads after the redirected ones. */
+	if (!oa)
+		return MT_PEER_UNKNOWN;
+	pb = mt_sk_blocking(sk);
+	ob = mt_sk_blocking((struct sock *)oa->addr);
+	if (pb < 0 || ob < 0)
+		return MT_PEER_UNKNOWN;
+	if (pb == 1 || ob == 1)
 		return MT_PEER_BLOCKING;
+	if (want_caught_up) {
+		struct tcp_sock *otp = (struct tcp_sock *)oa->addr, *ptp = (struct tcp_sock *)pa->addr;
+		__u32 write_seq = 0, copied_seq = 1;
+
+		cookie = 0;
+		*caught_up = !bpf_core_read(&cookie, sizeof(cookie), &((struct sock *)otp)->__sk_common.skc_cookie.counter) &&
+			     cookie == oa->cookie &&
+			     !bpf_core_read(&write_seq, sizeof(write_seq), &otp->write_seq) &&
+			     !bpf_core_read(&copied_seq, sizeof(copied_seq), &ptp->copied_seq) &&
+			     write_seq == copied_seq;
+	}
 	return tot;
 }
 
@@ -86,6 +109,16 @@ static __always_inline int mt_peer_key_from_msg(struct sk_msg_md *msg, struct mt
 	key->local_port = mt_port_from_ctx(msg->remote_port);
 	key->remote_port = (__u16)msg->local_port;
 	return 0;
+}
+
+/* mt_demote moves a pair to the TCP path for good. The flag is set with an atomic or, which
+ * orders it against MT_PAIR_REDIRECTED (set the same way before a redirect): either the
+ * redirect's or saw the demotion and did not redirect, or unhook.c sees MT_PAIR_REDIRECTED. */
+static __always_inline void mt_demote(struct mt_pair_state *ps)
+{
+	if (!(ps->flags & MT_PAIR_DEMOTED))
+		ps->demoted_ns = bpf_ktime_get_ns();
+	__sync_fetch_and_or(&ps->flags, MT_PAIR_DEMOTED);
 }
 
 static __always_inline int mt_keep_on_tcp(struct mt_counters *c, __u64 size)
@@ -133,12 +166,21 @@ int mt_redir(struct sk_msg_md *msg)
 		ps = bpf_map_lookup_elem(&mt_pairs, ck);
 
 		if (!ps) {
+			/* The first send of the pair, or the other end closed (sockops.c deleted the
+			 * entry): a socket that sent before may have redirected. */
 			struct mt_pair_state fresh = {.last_sender = side};
 
+			if (st->flags & MT_SK_SENT)
+				fresh.flags = MT_PAIR_REDIRECTED;
 			bpf_map_update_elem(&mt_pairs, ck, &fresh, BPF_NOEXIST);
 			ps = bpf_map_lookup_elem(&mt_pairs, ck);
 		}
-		if (ps) {
+		st->flags |= MT_SK_SENT;
+		if (!ps) { /* the map is full: this pair is not accelerated */
+			st->flags |= MT_SK_TCP_ONLY;
+			return mt_keep_on_tcp(c, size);
+		}
+		{
 			if (ps->flags & MT_PAIR_DEMOTED) { /* the other end streamed small writes */
 				st->flags |= MT_SK_TCP_ONLY;
 				return mt_keep_on_tcp(c, size);
@@ -153,8 +195,7 @@ int mt_redir(struct sk_msg_md *msg)
 				/* The whole pair leaves the redirect path; unhook.c then takes both
 				 * ends out of the sockhash once nothing redirected waits unread. */
 				st->flags |= MT_SK_TCP_ONLY;
-				ps->demoted_ns = bpf_ktime_get_ns();
-				ps->flags |= MT_PAIR_DEMOTED;
+				mt_demote(ps);
 				mt_count(c, sock_demoted, 1);
 				return mt_keep_on_tcp(c, size);
 			}
@@ -162,38 +203,61 @@ int mt_redir(struct sk_msg_md *msg)
 	}
 
 	/* Bounded queueing: a redirect skips TCP's flow control, so a peer that does not read
-	 * would collect every byte sent. Once it holds mt_queue_limit unread, the pair moves to
-	 * the TCP path for good (as for small writes: the peer reads its redirected bytes
-	 * first, then TCP's, so the order holds), where the sender blocks as on plain TCP.
+	 * would collect every byte sent. Once it holds mt_queue_limit unread, this socket backs
+	 * off (MT_SK_BACKOFF): its sends take the TCP path, where the sender blocks as on plain
+	 * TCP when the reader falls behind. The order holds both ways: the peer reads its
+	 * redirected bytes before its TCP receive queue, so redirect-then-TCP is read in order;
+	 * and the socket redirects again only once the peer has read every byte it sent on TCP
+	 * (the peer's copied_seq equals this socket's write_seq: redirected bytes take no
+	 * sequence numbers on either side; the check runs under this socket's lock, so no send
+	 * of its own races it), so nothing sent earlier is left to be read after the redirected
+	 * bytes. A reader that keeps up gets redirected bytes again within moments; one that
+	 * does not read holds at most mt_queue_limit redirected bytes plus TCP's window.
 	 * Faithful reads: a blocking read(2) on a socket with a psock returns EAGAIN when a
 	 * signal interrupts its wait (tcp_bpf_recvmsg), where TCP restarts it; so a pair is
 	 * redirected only while both ends' files are non-blocking (event loops: Envoy, Go),
-	 * and moves to TCP for good when one is not. */
+	 * and moves to TCP for good when one is not. A queue that can't be read moves the pair
+	 * to TCP for good as well. */
 	if (mt_queue_limit) {
 		struct mt_sock_key own;
+		int caught_up = 0;
 		__s64 queued;
 
 		mt_key_swap(&own, &peer);
-		queued = mt_peer_queued(&peer, &own);
+		queued = mt_peer_queued(&peer, &own, st->flags & MT_SK_BACKOFF, &caught_up);
 
-		/* A peer outside our sockhash: the redirect below misses (and demotes). */
-		if (queued != MT_PEER_NOT_OURS && (queued < 0 || queued + size > mt_queue_limit)) {
+		if (queued == MT_PEER_BLOCKING || queued == MT_PEER_UNKNOWN) {
 			st->flags |= MT_SK_TCP_ONLY;
-			if (ps && !(ps->flags & MT_PAIR_DEMOTED)) {
-				ps->demoted_ns = bpf_ktime_get_ns();
-				ps->flags |= MT_PAIR_DEMOTED;
-			}
+			if (ps)
+				mt_demote(ps);
 			if (queued == MT_PEER_BLOCKING)
 				mt_count(c, sock_blocking_demoted, 1);
-			else if (queued < 0)
+			else
 				mt_count(c, queue_unknown, 1);
-			if (queued != MT_PEER_BLOCKING)
-				mt_count(c, sock_queue_demoted, 1);
 			mt_count(c, sock_demoted, 1);
 			return mt_keep_on_tcp(c, size);
 		}
+		/* A peer outside our sockhash (MT_PEER_NOT_OURS): the redirect below misses. */
+		if (queued >= 0) {
+			if (st->flags & MT_SK_BACKOFF) {
+				if (!caught_up || queued + size > mt_queue_limit)
+					return mt_keep_on_tcp(c, size);
+				st->flags &= ~MT_SK_BACKOFF;
+				mt_count(c, queue_resumed, 1);
+			} else if (queued + size > mt_queue_limit) {
+				st->flags |= MT_SK_BACKOFF;
+				mt_count(c, queue_backoff, 1);
+				return mt_keep_on_tcp(c, size);
+			}
+		}
 	}
 
+	/* Record the pair's first redirect before it happens; a demotion that came first wins. */
+	if (ps && !(ps->flags & MT_PAIR_REDIRECTED) &&
+	    (__sync_fetch_and_or(&ps->flags, MT_PAIR_REDIRECTED) & MT_PAIR_DEMOTED)) {
+		st->flags |= MT_SK_TCP_ONLY;
+		return mt_keep_on_tcp(c, size);
+	}
 	if (bpf_msg_redirect_hash(msg, &mt_sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
 		mt_count(c, msg_redirected, 1);
 		mt_count(c, bytes_redirected, size);
@@ -208,8 +272,7 @@ int mt_redir(struct sk_msg_md *msg)
 	if (ps && !(ps->flags & MT_PAIR_DEMOTED)) {
 		/* The peer was not in the sockhash, so it has redirected nothing to us. */
 		mt_set_quiet(ps, 3 - side);
-		ps->demoted_ns = bpf_ktime_get_ns();
-		ps->flags |= MT_PAIR_DEMOTED;
+		mt_demote(ps);
 	}
 	mt_count(c, msg_fallthrough, 1);
 	mt_count(c, bytes_fallthrough, size);

@@ -83,14 +83,19 @@ static __always_inline void mt_orig_dst_handoff(struct bpf_sock_ops *skops, stru
  * match), so that a record exists exactly for the sockets of our sockhash. */
 static __always_inline void mt_forget_addr(struct bpf_sock_ops *skops)
 {
-	struct mt_sock_key key = {};
+	struct mt_sock_key key = {}, peer;
 	struct mt_sk_addr *addr;
 
 	if (skops->args[1] != TCP_CLOSE || mt_key_from_sockops(skops, &key) < 0)
 		return;
 	addr = bpf_map_lookup_elem(&mt_sk_addrs, &key);
-	if (addr && addr->cookie == bpf_get_socket_cookie(skops))
-		bpf_map_delete_elem(&mt_sk_addrs, &key);
+	if (!addr || addr->cookie != bpf_get_socket_cookie(skops))
+		return;
+	bpf_map_delete_elem(&mt_sk_addrs, &key);
+	/* The connection's state goes with its first end to close (redir.c makes a new one,
+	 * conservatively, should the other end still send). */
+	mt_key_swap(&peer, &key);
+	bpf_map_delete_elem(&mt_pairs, mt_key_less(&key, &peer) ? &key : &peer);
 }
 
 SEC("sockops")

@@ -41,9 +41,10 @@ type sockopsMtCounters struct {
 	ConnectExcluded     uint64
 	OrigDstRecorded     uint64
 	OrigDstAnswered     uint64
-	SockQueueDemoted    uint64
+	QueueBackoff        uint64
 	QueueUnknown        uint64
 	SockBlockingDemoted uint64
+	QueueResumed        uint64
 }
 
 type sockopsMtIp struct {

@@ -39,10 +39,13 @@ type Stats struct {
 	// socket in place for now (grace period, or redirected bytes still unread).
 	SocketsUnhooked uint64 `json:"sockets_unhooked"`
 	UnhookDeferred  uint64 `json:"unhook_deferred"`
-	// QueueDemoted counts sends that found their peer holding Config.QueueLimit redirected
-	// bytes unread (or its queue unreadable, QueueUnknown): their pair moved to the TCP
-	// path, where flow control applies. Counted in SocketsDemoted as well.
-	QueueDemoted uint64 `json:"queue_demoted"`
+	// QueueBackoff counts sends that found their peer holding Config.QueueLimit redirected
+	// bytes unread: the socket moved to the TCP path, where flow control applies, until the
+	// peer has read all it sent there; QueueResumed counts sockets redirecting again after
+	// that. QueueUnknown counts sends whose peer's queue could not be read: their pair moved
+	// to the TCP path for good (counted in SocketsDemoted as well).
+	QueueBackoff uint64 `json:"queue_backoff"`
+	QueueResumed uint64 `json:"queue_resumed"`
 	QueueUnknown uint64 `json:"queue_unknown"`
 	// BlockingDemoted counts sends whose pair moved to the TCP path because one end's file
 	// is in blocking mode (a signal would turn its blocking read into EAGAIN when
@@ -100,7 +103,8 @@ func readStats(m *ebpf.Map) (Stats, error) {
 		s.ConnectExcluded += c.ConnectExcluded
 		s.OrigDstRecorded += c.OrigDstRecorded
 		s.OrigDstAnswered += c.OrigDstAnswered
-		s.QueueDemoted += c.SockQueueDemoted
+		s.QueueBackoff += c.QueueBackoff
+		s.QueueResumed += c.QueueResumed
 		s.QueueUnknown += c.QueueUnknown
 		s.BlockingDemoted += c.SockBlockingDemoted
 	}

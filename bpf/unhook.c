@@ -97,6 +97,17 @@ int mt_unhook(struct bpf_iter__sockmap *ctx)
 	c = mt_counters_get();
 	if (!c)
 		return 0;
+	/* Nothing was ever redirected on this pair (demoted before its first redirect, e.g. for
+	 * a blocking end): no redirect can be on its way, nor ever come. Out at once, even while
+	 * its own send or read runs (that call holds its own psock reference; the kernel frees
+	 * the psock when it returns, and the socket's next call is plain TCP). */
+	if (!(ps->flags & MT_PAIR_REDIRECTED)) {
+		if (!mt_psock_read(sk, &queued, &refs) || queued)
+			goto defer;
+		if (bpf_map_delete_elem(&mt_sockhash, &key) == 0)
+			mt_count(c, sock_unhooked, 1);
+		return 0;
+	}
 	if (bpf_ktime_get_ns() - ps->demoted_ns < mt_unhook_grace_ns || !mt_psock_read(sk, &queued, &refs))
 		goto defer;
 	if (refs == 1) /* no sendmsg of this end in progress, none to come that redirects */

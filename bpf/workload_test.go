@@ -465,8 +465,8 @@ func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
 
 	tid := make(chan int, 1)
 	type result struct {
-		eagain, eintr int
-		problems      []string
+		seen     []string // "EAGAIN@i" / "EINTR@i": request i's read returned without data
+		problems []string
 	}
 	res := make(chan result, 1)
 	go func() { // the blocking reader
@@ -480,11 +480,8 @@ func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
 			for got < len(buf) {
 				n, err := unix.Read(fd, buf[got:])
 				switch {
-				case err == unix.EAGAIN:
-					r.eagain++
-					continue
-				case err == unix.EINTR:
-					r.eintr++
+				case err == unix.EAGAIN, err == unix.EINTR:
+					r.seen = append(r.seen, fmt.Sprintf("%s@%d", unix.ErrnoName(err.(unix.Errno)), i))
 					continue
 				case err != nil || n == 0:
 					r.problems = append(r.problems, fmt.Sprintf("request %d: read: %d %v", i, n, err))
@@ -548,12 +545,7 @@ func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
 	}
 	rep.Problems = append(rep.Problems, r.problems...)
 	rep.Bytes = int64(req.N) * 64
-	for range r.eagain {
-		rep.Seen = append(rep.Seen, "EAGAIN")
-	}
-	for range r.eintr {
-		rep.Seen = append(rep.Seen, "EINTR")
-	}
+	rep.Seen = r.seen
 	return nil
 }
 

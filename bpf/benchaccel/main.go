@@ -50,7 +50,26 @@ func main() {
 	flag.StringVar(&o.only, "only", "", "comma-separated runs to do (default all): "+strings.Join(runNames(), ",")+",envoy")
 	flag.IntVar(&o.envoyConns, "envoy-conns", 8, "fortio connections in the Envoy runs")
 	flag.StringVar(&o.modes, "modes", strings.Join(defaultModes, ","), "comma-separated modes to compare ("+strings.Join(allModes, ",")+"); plain is the baseline")
+	serve := flag.String("go-serve", "", "internal: run the Go harness server on this address")
+	client := flag.String("go-client", "", "internal: run one Go harness client against this address for -duration")
+	victim := flag.String("go-victim", "", "internal: the Go harness server's address outside the mesh (flood's victim)")
+	op := flag.String("go-op", "", "internal: the Go harness client's case (pingpong, stream, fill, flood)")
+	size := flag.Int("go-size", 0, "internal: the Go harness client's message size")
 	flag.Parse()
+	switch {
+	case *serve != "":
+		if err := goServe(strings.Split(*serve, ",")); err != nil {
+			fmt.Fprintln(os.Stderr, "go harness server:", err)
+			os.Exit(1)
+		}
+		return
+	case *client != "":
+		if err := goClient(*client, *victim, *op, *size, o.duration); err != nil {
+			fmt.Fprintln(os.Stderr, "go harness client:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, o); err != nil {
@@ -79,6 +98,8 @@ type bench struct {
 	cgroup       string
 	sockperfPort uint16
 	iperfPort    uint16
+	goAddr       string // the Go harness server, a mesh port
+	goVictimAddr string // the same server on a port outside the mesh
 	cgroupFD     *os.File
 }
 
@@ -95,6 +116,15 @@ func runs() []benchRun {
 			return map[string]float64{name: v}, err
 		}}
 	}
+	goStream := func(name string, size int, unit string, per int) benchRun {
+		return benchRun{name, []metric{{name, unit, false, true}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
+			r, err := b.goRun(ctx, "stream", size)
+			if per == 0 {
+				return map[string]float64{name: r["rate"] * 8 / 1e9}, err
+			}
+			return map[string]float64{name: r["rate"] / float64(per)}, err
+		}}
+	}
 	return []benchRun{
 		{"pingpong_64B", []metric{{"pingpong_64B_p50", "usec one-way", true, false}, {"pingpong_64B_p99", "usec one-way", true, false}},
 			func(ctx context.Context, b *bench) (map[string]float64, error) {
@@ -105,7 +135,23 @@ func runs() []benchRun {
 		rate("stream_1KiB", 1024),
 		iperf("iperf3_1KiB", "1K"),
 		iperf("iperf3_16KiB", "16K"),
-		iperf("bulk_128KiB", "128K"),
+		iperf("iperf3_128KiB", "128K"),
+		{"go_pingpong_64B", []metric{{"go_pingpong_64B_p50", "usec one-way", true, false}, {"go_pingpong_64B_p99", "usec one-way", true, false}},
+			func(ctx context.Context, b *bench) (map[string]float64, error) {
+				p, err := b.goRun(ctx, "pingpong", 64)
+				return map[string]float64{"go_pingpong_64B_p50": p["p50"], "go_pingpong_64B_p99": p["p99"]}, err
+			}},
+		goStream("go_stream_64B", 64, "msg/s", 64),
+		goStream("go_stream_1KiB", 1024, "msg/s", 1024),
+		goStream("bulk_128KiB", 128<<10, "Gbit/s", 0),
+		{"queue", []metric{{"queue_bytes", "bytes", true, false}, {"queue_enomem", "ENOMEM", true, false}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
+			r, err := b.goRun(ctx, "fill", 0)
+			return map[string]float64{"queue_bytes": r["queued"], "queue_enomem": r["enomem"]}, err
+		}},
+		{"flood", []metric{{"victim_tput", "during ÷ before", false, false}, {"flood_enomem", "ENOMEM of 8", true, false}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
+			r, err := b.goRun(ctx, "flood", 0)
+			return map[string]float64{"victim_tput": r["ratio"], "flood_enomem": r["enomem"]}, err
+		}},
 	}
 }
 
@@ -181,12 +227,27 @@ func run(ctx context.Context, o opts) (err error) {
 	if b.iperfPort, err = freePort(); err != nil {
 		return err
 	}
+	goPort, err := freePort()
+	if err != nil {
+		return err
+	}
+	victimPort, err := freePort()
+	if err != nil {
+		return err
+	}
+	b.goAddr = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), goPort).String()
+	b.goVictimAddr = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), victimPort).String()
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
 	pin := filepath.Join(bpf.DefaultBPFFS, "meshturbo-bench-"+suffix)
 	defer func() { err = errors.Join(err, bpf.Uninstall(pin)) }()
 
 	servers := []*exec.Cmd{
 		b.command(context.Background(), "sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", strconv.Itoa(int(b.sockperfPort))),
 		b.command(context.Background(), "iperf3", "-s", "-B", "127.0.0.1", "-p", strconv.Itoa(int(b.iperfPort))),
+		b.command(context.Background(), self, "-go-serve", b.goAddr+","+b.goVictimAddr),
 	}
 	for _, s := range servers {
 		if err := s.Start(); err != nil {
@@ -194,12 +255,12 @@ func run(ctx context.Context, o opts) (err error) {
 		}
 		defer func() { _ = s.Process.Kill(); _ = s.Wait() }()
 	}
-	for _, p := range []uint16{b.sockperfPort, b.iperfPort} {
+	for _, p := range []uint16{b.sockperfPort, b.iperfPort, goPort, victimPort} {
 		if err := waitListening(ctx, p); err != nil {
 			return err
 		}
 	}
-	cfg := bpf.Config{CgroupPath: b.cgroup, PinPath: pin, SidecarPorts: []uint16{b.sockperfPort, b.iperfPort}}
+	cfg := bpf.Config{CgroupPath: b.cgroup, PinPath: pin, SidecarPorts: []uint16{b.sockperfPort, b.iperfPort, goPort}}
 
 	modes := splitList(o.modes)
 	for _, m := range modes {
@@ -284,7 +345,7 @@ func run(ctx context.Context, o opts) (err error) {
 func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "case\tunit\tplain\tnaive\tours\tnaive/plain\tours/plain\tsamples plain | naive | ours\n")
-	ratios := map[string]float64{}
+	ratios, ours := map[string]float64{}, map[string]float64{}
 	worst := math.Inf(1)
 	for _, r := range o.selected() {
 		for _, m := range r.metrics {
@@ -295,6 +356,7 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 				}
 			}
 			p, n, a := median(vals["plain"]), median(vals["naive"]), median(vals["accel"])
+			ours[m.name] = a
 			if !math.IsNaN(a / p) {
 				ratios[m.name] = a / p
 				if m.throughput {
@@ -307,14 +369,18 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 	}
 	tw.Flush()
 	fmt.Printf("(medians of %d interleaved reps of %s; ours = the agent's default; for latency lower is better)\n", o.reps, o.duration)
+	// Small streams: the lowest of the small-write cases run (sockperf's and the Go
+	// harness's). The victim ratio is the accelerated mode's own (victim during the flood ÷
+	// before it), not a ratio against plain.
 	small := math.NaN()
-	if a, ok1 := ratios["stream_64B"]; ok1 {
-		small = a
-		if b, ok2 := ratios["stream_1KiB"]; ok2 {
-			small = min(a, b)
+	for _, name := range []string{"stream_64B", "stream_1KiB", "go_stream_64B", "go_stream_1KiB"} {
+		if v, ok := ratios[name]; ok && (math.IsNaN(small) || v < small) {
+			small = v
 		}
-	} else if b, ok := ratios["stream_1KiB"]; ok {
-		small = b
+	}
+	victim := math.NaN()
+	if v, ok := ours["victim_tput"]; ok {
+		victim = v
 	}
 	ratio := func(name string) string {
 		if v, ok := ratios[name]; ok {
@@ -345,8 +411,9 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 		fmt.Printf("envoy_rps_ratio = connect4+accel ÷ iptables (the agent vs Istio's default); connect4_rps_ratio = connect4 ÷ iptables (redirection alone); iptables+accel ÷ iptables = %s\n",
 			fmtRatio(rps["iptables+accel"]/rps["iptables"]))
 	}
-	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=%s connect4_rps_ratio=%s\n",
-		ratio("pingpong_64B_p50"), ratio("bulk_128KiB"), fmtRatio(small), fmtRatio(worst), fmtRatio(envoyRatio), fmtRatio(connect4Ratio))
+	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=%s connect4_rps_ratio=%s queue_ratio=%s victim_tput_ratio=%s\n",
+		ratio("go_pingpong_64B_p50"), ratio("bulk_128KiB"), fmtRatio(small), fmtRatio(worst), fmtRatio(envoyRatio), fmtRatio(connect4Ratio),
+		ratio("queue_bytes"), fmtRatio(victim))
 }
 
 func fmtRatio(v float64) string {

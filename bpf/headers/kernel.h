@@ -66,6 +66,13 @@ struct sk_psock {
 	refcount_t refcnt;
 } __attribute__((preserve_access_index));
 
+/* The receive and send sequence numbers the queue back-off compares (redir.c): copied_seq is
+ * the next byte the reader will read, write_seq the next byte the sender will queue. */
+struct tcp_sock {
+	__u32 copied_seq;
+	__u32 write_seq;
+} __attribute__((preserve_access_index));
+
 /* sk_user_data carries flag bits (SK_USER_DATA_NOCOPY, _BPF, _PSOCK) below the pointer. */
 #define MT_SK_USER_DATA_PTRMASK (~7UL)
 
@@ -82,17 +89,23 @@ static __always_inline struct sk_psock *mt_psock_of(struct sock *sk)
 #define MT_O_NONBLOCK 04000
 
 /* mt_sk_blocking returns 1 when the socket's file is in blocking mode, 0 when it is
- * non-blocking, -1 when it has no file (yet: an accepted socket before accept) or a read
- * failed. */
+ * non-blocking, 2 when it has no file yet (an accepted socket before accept(2): its mode is
+ * not known yet), -1 when a read failed. */
 static __always_inline int mt_sk_blocking(struct sock *sk)
 {
 	struct socket *sock = 0;
 	struct file *file = 0;
 	unsigned int flags = 0;
 
-	if (bpf_core_read(&sock, sizeof(sock), &sk->sk_socket) || !sock ||
-	    bpf_core_read(&file, sizeof(file), &sock->file) || !file ||
-	    bpf_core_read(&flags, sizeof(flags), &file->f_flags))
+	if (bpf_core_read(&sock, sizeof(sock), &sk->sk_socket))
+		return -1;
+	if (!sock)
+		return 2;
+	if (bpf_core_read(&file, sizeof(file), &sock->file))
+		return -1;
+	if (!file)
+		return 2;
+	if (bpf_core_read(&flags, sizeof(flags), &file->f_flags))
 		return -1;
 	return !(flags & MT_O_NONBLOCK);
 }

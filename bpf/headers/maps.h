@@ -55,9 +55,11 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mt_sk_storage SEC(".maps");
 
-/* Small-write run per connection (redir.c). LRU: entries of closed connections age out. */
+/* Per connection state (redir.c). Not LRU: MT_PAIR_REDIRECTED must not be lost while the
+ * connection lives (unhook.c relies on it); sockops.c deletes the entry when an end closes.
+ * When the map is full a new pair is not redirected at all. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MT_MAX_PAIRS);
 	__type(key, struct mt_sock_key);
 	__type(value, struct mt_pair_state);

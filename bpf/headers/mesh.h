@@ -33,6 +33,12 @@
  * which the peer reads before its TCP receive queue, so redirect-then-TCP keeps the order,
  * while TCP-then-redirect could be read out of order. */
 #define MT_SK_TCP_ONLY 1
+/* MT_SK_BACKOFF is set on a socket whose peer held mt_queue_limit redirected bytes unread
+ * (redir.c): its sends take the TCP path, where flow control applies, until its peer has
+ * read every byte it sent that way; then it redirects again. */
+#define MT_SK_BACKOFF 2
+/* MT_SK_SENT is set on a socket's first send seen by redir.c. */
+#define MT_SK_SENT 4
 
 /* An IP address in 16 bytes, network byte order: IPv6 as is, IPv4 as ::ffff:a.b.c.d, so
  * that an AF_INET socket and a dual-stack AF_INET6 socket of one IPv4 connection build the
@@ -73,9 +79,10 @@ struct mt_counters {
 	__u64 connect_excluded;   /* connects to an excluded port or CIDR: never redirected */
 	__u64 orig_dst_recorded;  /* original destinations handed from connect to the 4-tuple */
 	__u64 orig_dst_answered;  /* SO_ORIGINAL_DST answered by getsockopt.c */
-	__u64 sock_queue_demoted; /* pairs moved to TCP: the peer held mt_queue_limit unread */
-	__u64 queue_unknown;      /* ... or its queue could not be read (counted in both) */
+	__u64 queue_backoff;      /* sockets moved to TCP for a while: the peer held mt_queue_limit unread */
+	__u64 queue_unknown;      /* pairs moved to TCP for good: the peer's queue could not be read */
 	__u64 sock_blocking_demoted; /* pairs moved to TCP: an end's file is in blocking mode */
+	__u64 queue_resumed;      /* backed-off sockets redirecting again: the peer read all */
 };
 
 /* Per-socket state (socket local storage). */
@@ -88,11 +95,14 @@ struct mt_sk_state {
  * mt_unhook_grace_ns (unhook.c) has passed and no redirected byte waits unread in its queue: only
  * then does the socket send and receive as plain TCP again, at plain TCP's cost. */
 #define MT_PAIR_DEMOTED 1
+/* MT_PAIR_REDIRECTED is set (atomically, before the first redirect of either end) once a
+ * send of the pair is redirected. A demoted pair without it never had a redirect decided
+ * (every later verdict sees the demotion), so unhook.c may take it out at once. */
+#define MT_PAIR_REDIRECTED 2
 
 /* Per connection (keyed by the key of its lower end, see mt_key_less): which end sent last
- * and how many small sends it made in a row. Heuristic state only: losing an entry (LRU)
- * just starts the count again, and a demoted pair whose entry is lost stays hooked (its
- * sockets keep MT_SK_TCP_ONLY: correct, only slower). */
+ * and how many small sends it made in a row, whether it was demoted and whether anything
+ * was redirected. flags is only changed with atomic or (both ends' verdicts race on it). */
 struct mt_pair_state {
 	__u32 last_sender; /* 1: the lower end, 2: the other; 0: none yet */
 	__u32 small_run;

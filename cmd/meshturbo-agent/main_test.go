@@ -308,7 +308,7 @@ func TestRunRedirectModeSwitch(t *testing.T) {
 			t.Fatalf("unhook off: %s", st.State.Unhook.Off)
 		}
 		metrics := get(t, "http://"+addr+"/metrics")
-		for _, want := range []string{`meshturbo_accel_redirect_connects_total{outcome="redirected"}`, "meshturbo_accel_sockets_unhooked_total"} {
+		for _, want := range []string{`meshturbo_accel_redirect_connects_total{outcome="redirected"}`, "meshturbo_accel_sockets_unhooked_total", `meshturbo_accel_queue_events_total{event="backoff"}`} {
 			if !strings.Contains(metrics, want) {
 				t.Errorf("metrics lack %q", want)
 			}

@@ -11,7 +11,7 @@ type collector struct {
 	n *node
 
 	enabled, sockets, inserted, insertFailed, skipped, demoted, msgs, bytes *prometheus.Desc
-	unhooked, unhookDeferred, connects, origDst, otherOwners                *prometheus.Desc
+	unhooked, unhookDeferred, connects, origDst, otherOwners, queue         *prometheus.Desc
 }
 
 func newCollector(n *node) *collector {
@@ -25,7 +25,8 @@ func newCollector(n *node) *collector {
 		inserted:       d("sockets_inserted_total", "Sockets put into the sockhash."),
 		insertFailed:   d("insert_failed_total", "Mesh sockets that could not be put into the sockhash, by reason (busy: another sockmap owner; full; other).", "reason"),
 		skipped:        d("sockets_skipped_total", "Established sockets in the cgroup that are not mesh pairs."),
-		demoted:        d("sockets_demoted_total", "Sockets moved to the TCP path for good because they streamed small writes."),
+		demoted:        d("sockets_demoted_total", "Sockets moved to the TCP path for good: they streamed small writes, missed their peer, have a blocking end, or their peer's queue could not be read."),
+		queue:          d("queue_events_total", "Bounded queueing, by event (backoff: a socket's peer held the queue limit unread, its sends took the TCP path; resumed: it redirects again, its peer read all; unknown: the peer's queue could not be read, the pair stays on TCP).", "event"),
 		msgs:           d("messages_total", "Sends seen by the sk_msg program, by path (redirected; fallthrough: peer not in the sockhash; tcp_only: socket kept on TCP after a miss or for streaming small writes).", "path"),
 		bytes:          d("bytes_total", "Bytes of those sends, by path.", "path"),
 		otherOwners:    d("other_owners", "Other sockmap owners found on the cgroup at start (the agent runs beside them only with -coexist-with-other-owners); alert when > 0."),
@@ -38,7 +39,7 @@ func newCollector(n *node) *collector {
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.enabled, c.sockets, c.inserted, c.insertFailed, c.skipped, c.demoted, c.msgs, c.bytes,
-		c.unhooked, c.unhookDeferred, c.connects, c.origDst, c.otherOwners} {
+		c.unhooked, c.unhookDeferred, c.connects, c.origDst, c.otherOwners, c.queue} {
 		ch <- d
 	}
 }
@@ -79,6 +80,9 @@ func collectStats(s bpf.Stats, counter func(*prometheus.Desc, uint64, ...string)
 	counter(c.bytes, s.BytesRedirected, "redirected")
 	counter(c.bytes, s.BytesFallthrough, "fallthrough")
 	counter(c.bytes, s.BytesTCPOnly, "tcp_only")
+	counter(c.queue, s.QueueBackoff, "backoff")
+	counter(c.queue, s.QueueResumed, "resumed")
+	counter(c.queue, s.QueueUnknown, "unknown")
 	counter(c.unhooked, s.SocketsUnhooked)
 	counter(c.unhookDeferred, s.UnhookDeferred)
 	counter(c.connects, s.ConnectRedirected, "redirected")
