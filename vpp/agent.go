@@ -37,6 +37,8 @@ type Agent struct {
 	secretKey  []byte
 	newAdapter func(socket string) adapter.VppAPI
 	applyHook  func(reason string, err error)
+	// sleep waits between connection attempts; tests replace it to see the backoff.
+	sleep func(ctx context.Context, d time.Duration) bool
 
 	// The stats segment connection (interface counters), see stats.go.
 	newStats        func(socket string) adapter.StatsAPI
@@ -114,6 +116,7 @@ func New(cfg Config, opts ...Option) (*Agent, error) {
 		done:    make(chan struct{}),
 	}
 	a.retryDelay = cfg.Backoff.Min
+	a.sleep = sleep
 	a.newAdapter = newSocketAdapter(&a.cfg)
 	a.newStats, a.usesStatsSocket = newStatsSocketAdapter, true
 	for _, o := range opts {
@@ -315,7 +318,7 @@ func (a *Agent) run() {
 			} else {
 				a.log.Debug("vpp: cannot connect; retrying", "socket", a.cfg.APISocket, "err", err, "in", delay)
 			}
-			if !sleep(a.ctx, delay) {
+			if !a.sleep(a.ctx, delay) {
 				return
 			}
 			delay = min(2*delay, a.cfg.Backoff.Max)

@@ -58,8 +58,14 @@ type vppFile struct {
 		TxQueueSize uint16   `yaml:"txQueueSize"`
 		RxMode      string   `yaml:"rxMode"`
 		Addresses   []string `yaml:"addresses"`
+		// NetworkStatus takes the addresses from the Multus network-status annotation of the
+		// pod the VF was allocated to, instead of Addresses.
+		NetworkStatus *networkStatusSource `yaml:"networkStatus"`
 	} `yaml:"uplink"`
-	Routes []struct {
+	// SysfsRoot is where sysfs is mounted (default /sys). With uplink.resource the agent reads
+	// the VF there: for rdma its netdev and MAC, for dev its driver.
+	SysfsRoot string `yaml:"sysfsRoot"`
+	Routes    []struct {
 		Prefix string `yaml:"prefix"`
 		Via    string `yaml:"via"`
 	} `yaml:"routes"`
@@ -77,6 +83,18 @@ type vppFile struct {
 	MaxVersion     string        `yaml:"maxVersion"`
 	RequestTimeout time.Duration `yaml:"requestTimeout"`
 	ResyncInterval time.Duration `yaml:"resyncInterval"`
+}
+
+// networkStatusSource points at the network-status annotation in a downward API file
+// (metadata.annotations). Multus reports addresses without their prefix length, so it is
+// given here.
+type networkStatusSource struct {
+	AnnotationsFile string `yaml:"annotationsFile"`
+	// Network is the NetworkAttachmentDefinition ("ns/name" or "name") to take when no entry
+	// names the VF's PCI address (older SR-IOV CNI); optional otherwise.
+	Network       string `yaml:"network"`
+	PrefixLength  int    `yaml:"prefixLength"`  // of the IPv4 address(es), required for them
+	PrefixLength6 int    `yaml:"prefixLength6"` // of the IPv6 address(es), default 64
 }
 
 // loadVPPConfig reads the -vpp-config file into a vpp.Config. environ is os.Environ() (the
@@ -133,12 +151,25 @@ func loadVPPConfig(path, apiSocket string, environ []string, log *slog.Logger) (
 			return vpp.Config{}, bad("uplink.mac", err)
 		}
 	}
+	if u.Resource != "" {
+		if err := fillFromSysfs(&cfg.Uplink, orDefault(f.SysfsRoot, "/sys"), log); err != nil {
+			return vpp.Config{}, bad("uplink.resource", err)
+		}
+	}
 	for i, s := range u.Addresses {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
 			return vpp.Config{}, bad(fmt.Sprintf("uplink.addresses[%d]", i), err)
 		}
 		cfg.Uplink.Addresses = append(cfg.Uplink.Addresses, p)
+	}
+	if ns := u.NetworkStatus; ns != nil {
+		if len(u.Addresses) > 0 {
+			return vpp.Config{}, bad("uplink.networkStatus", errors.New("give addresses or networkStatus, not both"))
+		}
+		if cfg.Uplink.Addresses, err = addressesFromNetworkStatus(*ns, cfg.Uplink.PCIAddress); err != nil {
+			return vpp.Config{}, bad("uplink.networkStatus", err)
+		}
 	}
 	for i, r := range f.Routes {
 		p, err1 := netip.ParsePrefix(r.Prefix)
@@ -159,6 +190,92 @@ func loadVPPConfig(path, apiSocket string, environ []string, log *slog.Logger) (
 		}
 	}
 	return cfg, nil
+}
+
+// fillFromSysfs completes an uplink whose VF came from the device plugin with what sysfs says
+// about it. rdma: VPP opens the VF through its netdev and must use the VF's own MAC (the NIC
+// delivers nothing else to it), so both come from sysfs and a configured value must agree.
+// dev: VPP's device API needs the VF on vfio-pci; another driver is logged (the bind may
+// still happen before VPP attaches it). Without a sysfs view of the VF (not mounted), dev
+// goes on and rdma needs hostIf and mac in the file.
+func fillFromSysfs(u *vpp.Uplink, root string, log *slog.Logger) error {
+	vf, err := sriov.LookupVF(root, u.PCIAddress)
+	switch {
+	case err != nil && u.Driver == vpp.DriverRDMA && (u.HostIf == "" || u.MAC == nil):
+		return fmt.Errorf("%w (set hostIf and mac, or mount sysfs at sysfsRoot)", err)
+	case err != nil:
+		if log != nil {
+			log.Warn("VPP uplink: cannot read the VF in sysfs; using the configuration as it is", "error", err)
+		}
+		return nil
+	}
+	switch u.Driver {
+	case vpp.DriverRDMA:
+		if vf.Netdev == "" {
+			return fmt.Errorf("VF %s has no netdev (driver %q): rdma needs it on mlx5_core", vf.PCIAddress, vf.Driver)
+		}
+		if u.HostIf != "" && u.HostIf != vf.Netdev {
+			return fmt.Errorf("hostIf %s is not VF %s's netdev %s", u.HostIf, vf.PCIAddress, vf.Netdev)
+		}
+		if u.MAC != nil && u.MAC.String() != vf.MAC.String() {
+			return fmt.Errorf("mac %s is not VF %s's MAC %s: the NIC would deliver nothing to VPP", u.MAC, vf.PCIAddress, vf.MAC)
+		}
+		u.HostIf, u.MAC = vf.Netdev, vf.MAC
+	case vpp.DriverDev:
+		if vf.Driver != "vfio-pci" && log != nil {
+			log.Warn("VPP uplink: the VF is not bound to vfio-pci; VPP's device API will fail to attach it (see vpp/README.md)",
+				"vf", vf.PCIAddress, "driver", vf.Driver)
+		}
+	}
+	return nil
+}
+
+// addressesFromNetworkStatus reads the VF's attachment from the network-status annotation
+// and returns its addresses with the configured prefix lengths.
+func addressesFromNetworkStatus(src networkStatusSource, pci string) ([]netip.Prefix, error) {
+	if src.AnnotationsFile == "" {
+		return nil, errors.New("annotationsFile is not set (a downward API volume of metadata.annotations)")
+	}
+	raw, err := os.ReadFile(src.AnnotationsFile)
+	if err != nil {
+		return nil, err
+	}
+	val, err := sriov.DownwardAnnotation(raw, sriov.NetworkStatusAnnotation)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", src.AnnotationsFile, err)
+	}
+	atts, err := sriov.ParseNetworkStatus([]byte(val))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", src.AnnotationsFile, err)
+	}
+	att, err := sriov.FindAttachment(atts, pci, src.Network)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", src.AnnotationsFile, err)
+	}
+	bits6 := orDefault(src.PrefixLength6, 64)
+	var out []netip.Prefix
+	for _, ip := range att.IPs {
+		bits := bits6
+		if ip.Is4() {
+			if src.PrefixLength <= 0 {
+				return nil, fmt.Errorf("prefixLength is not set for %s (Multus reports addresses without it)", ip)
+			}
+			bits = src.PrefixLength
+		}
+		if _, err := ip.Prefix(bits); err != nil {
+			return nil, fmt.Errorf("%s/%d: %w", ip, bits, err)
+		}
+		out = append(out, netip.PrefixFrom(ip, bits)) // the interface's address, not masked
+	}
+	return out, nil
+}
+
+func orDefault[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
 }
 
 // vppNode owns VPP mode: the vpp.Agent and the loop that feeds it the meshed pods.

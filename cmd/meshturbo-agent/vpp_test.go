@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -351,3 +352,116 @@ func TestRunWithoutVPP(t *testing.T) {
 		t.Fatalf("GET /v1/vpp without VPP mode: %s", resp.Status)
 	}
 }
+
+// writeSysfsVF builds the sysfs entries of a Mellanox VF (0000:3b:02.1, VF 1 of PF
+// 0000:3b:00.0, on mlx5_core with netdev ens2f0v1) and of an Intel VF on vfio-pci
+// (0000:5e:02.0, no netdev) under a temporary root, as the kernel shows them.
+func writeSysfsVF(t *testing.T) string {
+	t.Helper()
+	root := t.TempDir()
+	devs := filepath.Join(root, "bus", "pci", "devices")
+	file := func(path, val string) {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(val+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := func(path, target string) {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(target, path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, f := range []struct{ pf, vf, vendor, device, driver, netdev, mac string }{
+		{"0000:3b:00.0", "0000:3b:02.1", "0x15b3", "0x1018", "mlx5_core", "ens2f0v1", "02:15:b3:00:af:02"},
+		{"0000:5e:00.0", "0000:5e:02.0", "0x8086", "0x154c", "vfio-pci", "", ""},
+	} {
+		vf := filepath.Join(devs, f.vf)
+		file(filepath.Join(vf, "vendor"), f.vendor)
+		file(filepath.Join(vf, "device"), f.device)
+		file(filepath.Join(vf, "numa_node"), "0")
+		link(filepath.Join(vf, "driver"), "../../../bus/pci/drivers/"+f.driver)
+		link(filepath.Join(vf, "physfn"), "../"+f.pf)
+		link(filepath.Join(devs, f.pf, "virtfn1"), "../"+f.vf)
+		if f.netdev != "" {
+			file(filepath.Join(vf, "net", f.netdev, "address"), f.mac)
+			file(filepath.Join(vf, "net", f.netdev, "mtu"), "1500")
+		}
+	}
+	return root
+}
+
+// TestLoadVPPConfigKubernetes: with the device plugin's resource, the rdma uplink's netdev and
+// MAC come from sysfs (a configured MAC must be the VF's), and the addresses from the Multus
+// network-status annotation in a downward API file.
+func TestLoadVPPConfigKubernetes(t *testing.T) {
+	dir := t.TempDir()
+	sysfs := writeSysfsVF(t)
+	status := `[{"name":"cbr0","interface":"eth0","ips":["10.244.1.17"],"default":true},` +
+		`{"name":"kube-system/sriov-vpp","interface":"net1","ips":["192.168.50.11","fd00:50::11"],` +
+		`"device-info":{"type":"pci","version":"1.1.0","pci":{"pci-address":"0000:3b:02.1"}}}]`
+	annotations := filepath.Join(dir, "annotations")
+	body := "kubernetes.io/config.seen=\"2026-01-01T00:00:00Z\"\n" + sriovNetworkStatusKey + "=" + strconv.Quote(status) + "\n"
+	if err := os.WriteFile(annotations, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	write := func(body string) string {
+		p := filepath.Join(dir, fmt.Sprintf("c%d.yaml", time.Now().UnixNano()))
+		if err := os.WriteFile(p, []byte(body+"handoffDir: /run/meshturbo/vpp\nsysfsRoot: "+sysfs+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	env := []string{"PCIDEVICE_NVIDIA_COM_SRIOV_VPP=0000:3b:02.1", "PCIDEVICE_INTEL_COM_SRIOV_VPP=0000:5e:02.0"}
+	netStatus := fmt.Sprintf("networkStatus: {annotationsFile: %s, prefixLength: 24}", annotations)
+
+	cfg, err := loadVPPConfig(write("uplink: {driver: rdma, resource: nvidia.com/sriov_vpp, "+netStatus+"}\n"), "", env, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := cfg.Uplink; u.HostIf != "ens2f0v1" || u.MAC.String() != "02:15:b3:00:af:02" ||
+		fmt.Sprint(u.Addresses) != "[192.168.50.11/24 fd00:50::11/64]" {
+		t.Errorf("uplink %+v", u)
+	}
+	ag, err := vpp.New(cfg) // what startVPP does next: the config must pass
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ag.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	cfg, err = loadVPPConfig(write("uplink: {driver: dev, resource: intel.com/sriov_vpp, addresses: [192.168.60.11/24]}\n"), "", env, testLogger(t))
+	if err != nil || cfg.Uplink.PCIAddress != "0000:5e:02.0" {
+		t.Errorf("dev uplink: %+v, %v", cfg.Uplink, err)
+	}
+
+	for _, tc := range []struct{ body, want string }{
+		{"uplink: {driver: rdma, resource: nvidia.com/sriov_vpp, mac: \"02:15:b3:00:af:99\", addresses: [10.0.0.1/24]}", "is not VF 0000:3b:02.1's MAC 02:15:b3:00:af:02"},
+		{"uplink: {driver: rdma, resource: nvidia.com/sriov_vpp, hostIf: eth9, addresses: [10.0.0.1/24]}", "is not VF 0000:3b:02.1's netdev ens2f0v1"},
+		{"uplink: {driver: rdma, resource: intel.com/sriov_vpp, addresses: [10.0.0.1/24]}", "has no netdev"},
+		{"uplink: {driver: rdma, resource: nvidia.com/sriov_vpp, networkStatus: {annotationsFile: " + annotations + "}}", "prefixLength is not set"},
+		{"uplink: {driver: rdma, resource: nvidia.com/sriov_vpp, addresses: [10.0.0.1/24], " + netStatus + "}", "not both"},
+		{"uplink: {driver: dev, resource: intel.com/sriov_vpp, " + netStatus + "}", "no attachment for PCI device \"0000:5e:02.0\""},
+		{"uplink: {driver: rdma, resource: nvidia.com/sriov_vpp, networkStatus: {annotationsFile: /nonexistent, prefixLength: 24}}", "uplink.networkStatus"},
+	} {
+		_, err := loadVPPConfig(write(tc.body+"\n"), "", env, testLogger(t))
+		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "-vpp-config") {
+			t.Errorf("%s: err %v, want one naming the file and %q", tc.body, err, tc.want)
+		}
+	}
+	// Without a sysfs view of the VF, rdma needs hostIf and mac in the file.
+	noSysfs := filepath.Join(dir, "nosysfs.yaml")
+	if err := os.WriteFile(noSysfs, []byte("uplink: {driver: rdma, resource: nvidia.com/sriov_vpp, addresses: [10.0.0.1/24]}\nhandoffDir: /run/meshturbo/vpp\nsysfsRoot: "+dir+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadVPPConfig(noSysfs, "", env, testLogger(t)); err == nil || !strings.Contains(err.Error(), "set hostIf and mac") {
+		t.Errorf("rdma without sysfs: %v", err)
+	}
+}
+
+const sriovNetworkStatusKey = "k8s.v1.cni.cncf.io/network-status"
