@@ -48,7 +48,7 @@ bench-bridge: deps
 # The BPF objects and their Go bindings are committed; regenerate (clang from make deps) and
 # fail when that changes anything.
 check-generate: generate
-	git diff --exit-code -- bpf/
+	git diff --exit-code -- bpf/ hotupgrade/internal/steer/
 
 # Plain loopback TCP vs sockmap redirection (naive and ours), sockperf and iperf3, interleaved.
 BENCH_ACCEL_FLAGS ?=

@@ -45,17 +45,40 @@ const (
 //     over the bootstrap), and the next reuseport hand-off moves it back; Status.AdminAddr
 //     says where it is. A hot restart from there binds the configured address again.
 //  3. The manager waits for the new Envoy to be LIVE and runs the probe; until then the old
-//     Envoy serves as before, and a failure rolls back: the new Envoy's listeners are
-//     stopped (its accept queues migrate to the old Envoy's sockets), its connections are
-//     drained, it is stopped.
-//  4. The old Envoy stops accepting: POST /drain_listeners closes its listen sockets. With
-//     tcp_migrate_req=1 the kernel moves the connections waiting in their accept queues
-//     (and half-open ones) to the new Envoy's sockets of the same reuseport group instead of
-//     resetting them. Then POST /drain_listeners?graceful starts Envoy's drain sequence on
-//     the old Envoy's connections (HTTP/1 Connection: close, HTTP/2 GOAWAY).
+//     Envoy serves as before (both take new connections), and a failure rolls back: new
+//     connections are steered to the old Envoy's sockets as in step 4, and once the new
+//     Envoy has accepted what its sockets had queued its listeners are stopped, its
+//     connections are drained, it is stopped.
+//  4. The manager steers new connections away from the old Envoy (steering.go): a
+//     sk_reuseport program attached to each reuseport group the two Envoys share sends every
+//     new connection to one of the new Envoy's sockets of the group. It waits (up to
+//     steerWait) until the old Envoy has accepted what its sockets had queued, and only then
+//     is the old Envoy told to stop accepting: POST /drain_listeners closes its listen
+//     sockets, empty. A connection that still reaches one of their queues (a handshake that
+//     was under way, or the wait ran out) moves to a new Envoy's socket when the socket
+//     closes (net.ipv4.tcp_migrate_req=1, and the program chooses where it goes) instead of
+//     being reset. Without steering (a kernel without sk_reuseport programs, or a manager
+//     without CAP_BPF and CAP_NET_ADMIN: logged, and the hand-off goes on) it relies on
+//     that move alone, as it did before steering: in bench-upgrade's skew runs about 1 in
+//     10,000 connection-per-request requests then timed out and more waited a second or
+//     longer (issue 6), most likely connections that reached an old Envoy's queue between
+//     its workers stopping accepting and its sockets closing. Then POST
+//     /drain_listeners?graceful starts Envoy's drain sequence on the old Envoy's
+//     connections (HTTP/1 Connection: close, GOAWAY for HTTP/2).
 //  5. As for a hot restart, the old Envoy is stopped when its connections reach zero (idle
 //     ones are closed after DrainIdle, see awaitDrained) or DrainTimeout passes, and its
-//     shared memory is removed.
+//     shared memory is removed. The steering program is detached (the kernel hashes over
+//     the new Envoy's sockets again) and released.
+//
+// A manager that dies mid-hand-off leaves the program attached, steering to the sockets it
+// last chose, and nothing stranded: the kernel removes a socket from the program's map when
+// the socket closes, a selection from an empty slot falls back to the kernel's hash over
+// the group, and the program never drops a connection; it goes with the group's last socket
+// or is replaced by the next hand-off's (see package steer). The copies of Envoy's sockets
+// the manager held close with it (a socket Envoy had closed meanwhile closes then, and its
+// queue moves). A restarted manager that rolls the hand-off back (recover) stops the new
+// Envoy's listeners without steering back first, relying on the queue moving as before
+// steering.
 //
 // Stats do not carry over (they do through a hot restart): the new Envoy's counters start
 // at zero.
@@ -258,7 +281,7 @@ func (m *Manager) upgradeReusePort(ctx context.Context, req UpgradeRequest, old 
 	hcancel()
 	res.HandoffMS = time.Since(hstart).Milliseconds()
 	if err != nil {
-		return m.rollback(res, nil, child, ports, false, fmt.Errorf("hand-off: %w", err))
+		return m.rollbackReusePort(res, child, old, ports, false, fmt.Errorf("hand-off: %w", err), nil)
 	}
 
 	// 3. Probe: both Envoys accept connections meanwhile.
@@ -268,18 +291,20 @@ func (m *Manager) upgradeReusePort(ctx context.Context, req UpgradeRequest, old 
 		err := m.probe(ctx, child)
 		res.ProbeMS = time.Since(pstart).Milliseconds()
 		if err != nil {
-			return m.rollback(res, nil, child, ports, true, err)
+			return m.rollbackReusePort(res, child, old, ports, true, err, nil)
 		}
 	}
 	if !child.alive() {
-		return m.rollback(res, nil, child, ports, true, fmt.Errorf("envoy epoch %d exited: %v", child.epoch, child.err))
+		return m.rollbackReusePort(res, child, old, ports, true, fmt.Errorf("envoy epoch %d exited: %v", child.epoch, child.err), nil)
 	}
 
-	// 4. The old Envoy stops accepting; its queued connections move to the new one.
+	// 4. New connections go to the new Envoy only; once the old Envoy has accepted what
+	// its sockets had queued, it stops accepting.
 	dstart := time.Now()
+	st := m.steerAway(nil, old, child, ports)
 	if err := stopAccepting(ctx, old, ports, m.cfg.HandoffTimeout); err != nil {
 		if listening(old.pid(), ports) {
-			return m.rollback(res, nil, child, ports, true, err)
+			return m.rollbackReusePort(res, child, old, ports, true, err, st)
 		}
 		m.cfg.Logger.Warn("hotupgrade: drain the old Envoy", "epoch", old.epoch, "error", err)
 	}
@@ -294,6 +319,7 @@ func (m *Manager) upgradeReusePort(ctx context.Context, req UpgradeRequest, old 
 	res.OldConnections, res.OldStopped = m.awaitDrained(ctx, old, ports, adminIdle(old.adminAddr), m.cfg.DrainTimeout)
 	_ = old.stop(5 * time.Second)
 	m.retire(old, relays)
+	st.close(m, child)
 	res.DrainMS = time.Since(dstart).Milliseconds()
 	if old.configPath != pc.configPath {
 		_ = os.Remove(old.configPath)
@@ -301,6 +327,19 @@ func (m *Manager) upgradeReusePort(ctx context.Context, req UpgradeRequest, old 
 	res.Outcome = OutcomeUpgraded
 	m.setPhase(PhaseServing)
 	return res, nil
+}
+
+// rollbackReusePort rolls a reuseport hand-off back (see rollback): a new Envoy that
+// listens gets no new connections from then on, and stops accepting once it has accepted
+// what its sockets had queued, as the old one would have (see steerAway). st is the
+// hand-off's steering, if it got that far.
+func (m *Manager) rollbackReusePort(res UpgradeResult, child, old *process, ports map[int]bool, accepting bool, cause error, st *steering) (UpgradeResult, error) {
+	if child.alive() && listening(child.pid(), ports) {
+		st = m.steerAway(st, child, old, ports)
+	}
+	res, err := m.rollback(res, nil, child, ports, accepting, cause)
+	st.close(m, old)
+	return res, err
 }
 
 // retire forgets an old Envoy that a reuseport hand-off replaced and that has exited: its
@@ -321,11 +360,11 @@ func (m *Manager) retire(old *process, relays []*relay) {
 }
 
 // stopAccepting tells an Envoy to close its listen sockets (POST /drain_listeners: the
-// kernel migrates their queues, see enableMigrateReq) and then to drain its connections
-// (POST /drain_listeners?graceful: Connection: close, GOAWAY), and waits until it holds no
-// listen socket on ports. Listeners are stopped first: a manager that dies in between
-// leaves an Envoy that no longer listens, which a restarted manager recognizes as told to
-// drain, and finishes (see recover).
+// kernel migrates what is still queued, see enableMigrateReq and steerAway) and then to
+// drain its connections (POST /drain_listeners?graceful: Connection: close, GOAWAY), and
+// waits until it holds no listen socket on ports. Listeners are stopped first: a manager
+// that dies in between leaves an Envoy that no longer listens, which a restarted manager
+// recognizes as told to drain, and finishes (see recover).
 func stopAccepting(ctx context.Context, p *process, ports map[int]bool, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -88,13 +89,17 @@ func requireRoot(t testing.TB) {
 
 // Envoy 1.39.3 and 1.40.0 share a hot-restart version, so Handoff "reuseport" forces the
 // path version skew takes: upgrades and downgrades alternate under constant load plus a
-// burst of new connections (some of them in the old Envoy's accept queues when it stops
-// listening), and no request fails.
+// burst of new connections, and no request fails. Each hand-off (and the rollback) steers
+// new connections away from the Envoy that stops accepting; a connection-per-request
+// client lost about 1 in 10,000 requests without that (issue 6).
 func TestReusePortHandoffAcrossVersions(t *testing.T) {
 	requireRoot(t)
 	deps := testenv.RequireDeps(t)
 	var failProbe atomic.Bool
+	logs := &logCounter{match: []string{msgSteered, msgQueued, msgUnsteered}}
 	f := newFixture(t, deps.EnvoyOld, func(c *Config) {
+		logs.Handler = c.Logger.Handler()
+		c.Logger = slog.New(logs)
 		c.Handoff = HandoffReusePort
 		c.ProbeTimeout = time.Second
 		c.Probe = func(context.Context) error {
@@ -126,9 +131,11 @@ func TestReusePortHandoffAcrossVersions(t *testing.T) {
 			t.Errorf("the old Envoy (pid %d) still runs", before.PID)
 		}
 		f.expectConfig(t, tag)
+		checkSteeringReleased(t, st.PID)
 	}
 
-	// A new Envoy that fails its probe is stopped; its queued connections move back.
+	// A new Envoy that fails its probe is stopped, with new connections steered back to the
+	// old one first.
 	failProbe.Store(true)
 	before := f.m.Status()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -141,6 +148,7 @@ func TestReusePortHandoffAcrossVersions(t *testing.T) {
 		t.Fatalf("status after the rollback %+v, before %+v", st, before)
 	}
 	f.expectConfig(t, "skew4")
+	checkSteeringReleased(t, before.PID)
 	failProbe.Store(false)
 
 	// Back to hot restart from an Envoy whose admin is elsewhere: the configured one again.
@@ -156,21 +164,90 @@ func TestReusePortHandoffAcrossVersions(t *testing.T) {
 	if b.failed.Load() > 0 || b.ok.Load() == 0 {
 		t.Errorf("burst: %d ok, %d failed; first errors: %v", b.ok.Load(), b.failed.Load(), b.errs)
 	}
-	// Known defect (issue 6, left open): while the old Envoy's listen sockets close, a new
-	// connection now and then is reset or never answered (about 1 in 10,000 in
-	// bench-upgrade's skew runs; keep-alive, HTTP/2 and gRPC clients are not affected). Until it
-	// is found, a connection-per-request client may lose up to 0.5% here; everything else 0.
 	for _, l := range ls {
 		ok, failed, retried, errs := l.finish()
 		t.Logf("load %-16s ok=%d failed=%d (retried unseen by Envoy: %d)", l.mode, ok, failed, retried)
-		allowed := int64(0)
-		if l.mode == modeClose {
-			allowed = (ok + failed) / 200
+		if failed > 0 || ok == 0 {
+			t.Errorf("load %s: %d ok, %d failed; first errors:\n  %s", l.mode, ok, failed, strings.Join(errs, "\n  "))
 		}
-		if failed > allowed || ok == 0 {
-			t.Errorf("load %s: %d ok, %d failed (allowed %d); first errors:\n  %s", l.mode, ok, failed, allowed, strings.Join(errs, "\n  "))
-		} else if failed > 0 {
-			t.Logf("KNOWN DEFECT: %d %s requests lost across reuseport hand-offs: %v", failed, l.mode, errs)
+	}
+	// Four hand-offs, the rollback, and the hand-off back before the hot restart.
+	// An Envoy that has not emptied its accept queues after steerWait (a very slow machine)
+	// still had new connections steered away.
+	n, q, u := logs.count(msgSteered), logs.count(msgQueued), logs.count(msgUnsteered)
+	t.Logf("steering: %d hand-offs with the accept queues emptied, %d with some left after %v, %d without steering", n, q, steerWait, u)
+	if n+q != 6 || u != 0 {
+		t.Errorf("%d hand-offs steered new connections away from the Envoy that stopped accepting, %d could not; want 6 and 0", n+q, u)
+	}
+}
+
+// Log messages of steerAway.
+const (
+	msgSteered   = "hotupgrade: new connections steered away from the Envoy that stops accepting"
+	msgQueued    = "hotupgrade: accept queues of the Envoy that stops accepting still hold"
+	msgUnsteered = "hotupgrade: cannot steer new connections away"
+)
+
+// logCounter passes records on to Handler and counts those whose message starts with one
+// of match.
+type logCounter struct {
+	slog.Handler
+	match []string
+	mu    sync.Mutex
+	n     map[string]int
+}
+
+func (c *logCounter) Handle(ctx context.Context, r slog.Record) error {
+	for _, m := range c.match {
+		if strings.HasPrefix(r.Message, m) {
+			c.mu.Lock()
+			if c.n == nil {
+				c.n = map[string]int{}
+			}
+			c.n[m]++
+			c.mu.Unlock()
+		}
+	}
+	return c.Handler.Handle(ctx, r)
+}
+
+func (c *logCounter) WithAttrs(as []slog.Attr) slog.Handler {
+	return &logCounter{Handler: c.Handler.WithAttrs(as), match: c.match, n: c.n}
+}
+
+func (c *logCounter) WithGroup(name string) slog.Handler {
+	return &logCounter{Handler: c.Handler.WithGroup(name), match: c.match, n: c.n}
+}
+
+func (c *logCounter) count(m string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n[m]
+}
+
+// checkSteeringReleased checks that the manager (this process) holds no BPF object and no
+// copy of a socket of the Envoy envoyPID once a hand-off is over: a copy of a listen socket
+// would keep it listening after Envoy closes it.
+func checkSteeringReleased(t *testing.T, envoyPID int) {
+	t.Helper()
+	envoy, err := socketInodes(envoyPID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		link, err := os.Readlink("/proc/self/fd/" + e.Name())
+		if err != nil {
+			continue
+		}
+		var ino uint64
+		if strings.HasPrefix(link, "anon_inode:bpf") {
+			t.Errorf("the manager still holds fd %s: %s", e.Name(), link)
+		} else if _, err := fmt.Sscanf(link, "socket:[%d]", &ino); err == nil && envoy[ino] {
+			t.Errorf("the manager still holds fd %s: a copy of Envoy's socket %s", e.Name(), link)
 		}
 	}
 }

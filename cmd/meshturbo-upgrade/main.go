@@ -20,8 +20,10 @@
 //
 // -handoff chooses how the listeners move to the new Envoy: Envoy's hot restart, or (when the
 // two binaries' hot-restart versions differ, or always with -handoff reuseport) a second,
-// independent Envoy bound to the same ports with SO_REUSEPORT while the old one stops
-// accepting, with net.ipv4.tcp_migrate_req=1 so nothing queued is lost. The new Envoy's
+// independent Envoy bound to the same ports with SO_REUSEPORT: new connections are steered
+// to its sockets (a sk_reuseport BPF program) until the old one has accepted what it had
+// queued, and only then does the old one stop accepting (net.ipv4.tcp_migrate_req=1 moves
+// anything left, should steering be unavailable). The new Envoy's
 // admin then listens on -handoff-admin until the next reuseport hand-off moves it back.
 //
 // GET /v1/upgrade reports the epoch, versions, phase, admin address and the last upgrade's
