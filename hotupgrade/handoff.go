@@ -76,9 +76,8 @@ const (
 // the group, and the program never drops a connection; it goes with the group's last socket
 // or is replaced by the next hand-off's (see package steer). The copies of Envoy's sockets
 // the manager held close with it (a socket Envoy had closed meanwhile closes then, and its
-// queue moves). A restarted manager that rolls the hand-off back (recover) stops the new
-// Envoy's listeners without steering back first, relying on the queue moving as before
-// steering.
+// queue moves). A restarted manager that rolls the hand-off back (recover) steers back to
+// the old Envoy first, as any rollback does.
 //
 // Stats do not carry over (they do through a hot restart): the new Envoy's counters start
 // at zero.

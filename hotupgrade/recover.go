@@ -148,7 +148,12 @@ func (m *Manager) recover(ctx context.Context, st savedState) (bool, error) {
 			_, lerr := waitLive(lctx, next)
 			cancel()
 			res.Started = time.Now()
-			res, _ = m.rollback(res, r, next, ports, lerr == nil, errors.New("the manager restarted mid-upgrade, before the old epoch was told to drain"))
+			cause := errors.New("the manager restarted mid-upgrade, before the old epoch was told to drain")
+			if reusePort { // steer back first: the dead manager may have steered to next
+				res, _ = m.rollbackReusePort(res, next, serving, ports, lerr == nil, cause, nil)
+			} else {
+				res, _ = m.rollback(res, r, next, ports, lerr == nil, cause)
+			}
 			res.TotalMS = time.Since(res.Started).Milliseconds()
 			m.checkAdmin(serving)
 			m.record(res)
