@@ -130,8 +130,8 @@ func goServeConn(c net.Conn, h *holder) (keep bool) {
 // goClient runs one case against addr for d and prints its result: "p50 <usec> p99 <usec>"
 // (one-way, half the round trip, as sockperf reports) for ping-pong, "rate <bytes/s>" for
 // a stream, "queued <bytes>" for a fill (an idle reader: what the sender queues before it
-// blocks), and "ratio <n>" for a flood: a plain stream to victim during goFloodConns fills
-// of addr, ÷ the same stream before them.
+// blocks), and for a flood "ratio <n> p99_ratio <n>": a plain stream's rate and a plain
+// ping-pong's p99 to victim with goFloodConns fills of addr parked, ÷ the same before them.
 func goClient(addr, victim, op string, size int, d time.Duration) error {
 	switch op {
 	case "pingpong":
@@ -143,7 +143,7 @@ func goClient(addr, victim, op string, size int, d time.Duration) error {
 		}
 		return err
 	case "fill":
-		defer goRelease(addr)
+		defer goRelease(victim)
 		n, err := goFill(addr)
 		if errors.Is(err, syscall.ENOMEM) { // what naive redirection ends in: reported, not fatal
 			fmt.Printf("queued %d enomem 1\n", n)
@@ -154,8 +154,12 @@ func goClient(addr, victim, op string, size int, d time.Duration) error {
 		}
 		return err
 	case "flood":
-		defer goRelease(addr)
+		defer goRelease(victim)
 		base, err := goStreamRate(victim, 128<<10, d)
+		if err != nil {
+			return err
+		}
+		_, baseP99, err := goPingPongPercentiles(victim, 64, d)
 		if err != nil {
 			return err
 		}
@@ -181,7 +185,11 @@ func goClient(addr, victim, op string, size int, d time.Duration) error {
 		if err != nil {
 			return err
 		}
-		fmt.Printf("ratio %.4f enomem %d\n", during/base, enomem)
+		_, duringP99, err := goPingPongPercentiles(victim, 64, d)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("ratio %.4f p99_ratio %.4f enomem %d\n", during/base, duringP99/baseP99, enomem)
 		return nil
 	}
 	return fmt.Errorf("unknown op %q", op)
@@ -202,9 +210,19 @@ func goDial(addr string, op byte, size int) (net.Conn, error) {
 }
 
 func goPingPong(addr string, size int, d time.Duration) error {
+	p50, p99, err := goPingPongPercentiles(addr, size, d)
+	if err == nil {
+		fmt.Printf("p50 %.3f p99 %.3f\n", p50, p99)
+	}
+	return err
+}
+
+// goPingPongPercentiles runs a ping-pong for d and returns its p50 and p99 one-way latency
+// in microseconds.
+func goPingPongPercentiles(addr string, size int, d time.Duration) (p50, p99 float64, err error) {
 	c, err := goDial(addr, goOpPingPong, size)
 	if err != nil {
-		return err
+		return 0, 0, err
 	}
 	defer c.Close()
 	buf := make([]byte, size)
@@ -212,10 +230,10 @@ func goPingPong(addr string, size int, d time.Duration) error {
 	for end := time.Now().Add(d); time.Now().Before(end); {
 		t0 := time.Now()
 		if _, err := c.Write(buf); err != nil {
-			return err
+			return 0, 0, err
 		}
 		if _, err := io.ReadFull(c, buf); err != nil {
-			return err
+			return 0, 0, err
 		}
 		rtts = append(rtts, time.Since(t0))
 	}
@@ -223,8 +241,7 @@ func goPingPong(addr string, size int, d time.Duration) error {
 	pct := func(p float64) float64 {
 		return float64(rtts[int(p*float64(len(rtts)-1))].Nanoseconds()) / 2e3
 	}
-	fmt.Printf("p50 %.3f p99 %.3f\n", pct(0.50), pct(0.99))
-	return nil
+	return pct(0.50), pct(0.99), nil
 }
 
 // goFill opens a connection to an idle reader and writes 64 KiB chunks until a write makes
@@ -252,12 +269,18 @@ func goFill(addr string) (int64, error) {
 	}
 }
 
-// goRelease tells the server to close the connections it holds.
+// goRelease tells the server to close the connections it holds. It goes to the server's
+// address outside the mesh: after naive redirection ran the node into tcp_mem, a redirected
+// write of its own could fail.
 func goRelease(addr string) {
-	if c, err := net.Dial("tcp", addr); err == nil {
-		_, _ = c.Write([]byte{goOpRelease, 0, 0, 0, 0})
-		_ = c.Close()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return
 	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	_, _ = c.Write([]byte{goOpRelease, 0, 0, 0, 0})
+	_, _ = c.Read(make([]byte, 1)) // the server closes when done
 }
 
 // goStreamRate streams writes of size bytes to addr for d and returns the delivered bytes/s.

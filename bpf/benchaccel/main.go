@@ -31,12 +31,13 @@ import (
 )
 
 type opts struct {
-	reps     int
-	duration time.Duration
-	cgroup2  string
-	jsonOut  string
-	only     string
-	modes    string
+	reps      int
+	duration  time.Duration
+	cgroup2   string
+	jsonOut   string
+	only      string
+	modes     string
+	keepAwake bool
 	// envoyConns is fortio's connection count in the Envoy runs.
 	envoyConns int
 }
@@ -49,6 +50,7 @@ func main() {
 	flag.StringVar(&o.jsonOut, "json", "", "also write all samples as JSON to this file")
 	flag.StringVar(&o.only, "only", "", "comma-separated runs to do (default all): "+strings.Join(runNames(), ",")+",envoy")
 	flag.IntVar(&o.envoyConns, "envoy-conns", 8, "fortio connections in the Envoy runs")
+	flag.BoolVar(&o.keepAwake, "keep-awake", true, "keep every CPU out of idle with SCHED_IDLE spinners while measuring (see awake.go)")
 	flag.StringVar(&o.modes, "modes", strings.Join(defaultModes, ","), "comma-separated modes to compare ("+strings.Join(allModes, ",")+"); plain is the baseline")
 	serve := flag.String("go-serve", "", "internal: run the Go harness server on this address")
 	client := flag.String("go-client", "", "internal: run one Go harness client against this address for -duration")
@@ -148,9 +150,10 @@ func runs() []benchRun {
 			r, err := b.goRun(ctx, "fill", 0)
 			return map[string]float64{"queue_bytes": r["queued"], "queue_enomem": r["enomem"]}, err
 		}},
-		{"flood", []metric{{"victim_tput", "during ÷ before", false, false}, {"flood_enomem", "ENOMEM of 8", true, false}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
+		{"flood", []metric{{"victim_tput", "during ÷ before", false, false}, {"victim_p99", "during ÷ before", true, false},
+			{"flood_enomem", "ENOMEM of 8", true, false}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
 			r, err := b.goRun(ctx, "flood", 0)
-			return map[string]float64{"victim_tput": r["ratio"], "flood_enomem": r["enomem"]}, err
+			return map[string]float64{"victim_tput": r["ratio"], "victim_p99": r["p99_ratio"], "flood_enomem": r["enomem"]}, err
 		}},
 	}
 }
@@ -271,6 +274,13 @@ func run(ctx context.Context, o opts) (err error) {
 	if !slices.Contains(modes, "plain") {
 		return errors.New("-modes must include plain, the baseline")
 	}
+	if o.keepAwake {
+		stop, err := keepAwake()
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	var samples []sample
 	for rep := range o.reps {
 		order := slices.Clone(modes)
@@ -378,9 +388,12 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 			small = v
 		}
 	}
-	victim := math.NaN()
+	victim, victimP99 := math.NaN(), math.NaN()
 	if v, ok := ours["victim_tput"]; ok {
 		victim = v
+	}
+	if v, ok := ours["victim_p99"]; ok {
+		victimP99 = v
 	}
 	ratio := func(name string) string {
 		if v, ok := ratios[name]; ok {
@@ -411,9 +424,9 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 		fmt.Printf("envoy_rps_ratio = connect4+accel ÷ iptables (the agent vs Istio's default); connect4_rps_ratio = connect4 ÷ iptables (redirection alone); iptables+accel ÷ iptables = %s\n",
 			fmtRatio(rps["iptables+accel"]/rps["iptables"]))
 	}
-	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=%s connect4_rps_ratio=%s queue_ratio=%s victim_tput_ratio=%s\n",
+	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=%s connect4_rps_ratio=%s queue_ratio=%s victim_tput_ratio=%s victim_p99_ratio=%s\n",
 		ratio("go_pingpong_64B_p50"), ratio("bulk_128KiB"), fmtRatio(small), fmtRatio(worst), fmtRatio(envoyRatio), fmtRatio(connect4Ratio),
-		ratio("queue_bytes"), fmtRatio(victim))
+		ratio("queue_bytes"), fmtRatio(victim), fmtRatio(victimP99))
 }
 
 func fmtRatio(v float64) string {

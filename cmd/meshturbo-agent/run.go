@@ -257,13 +257,20 @@ func run(ctx context.Context, a args, log *slog.Logger) (err error) {
 	defer func() { err = errors.Join(err, adm.Close()) }()
 	log.Info("meshturbo-agent running", "admin", adm.Addr(), "accelerating", n.agent != nil, "vpp", vn != nil)
 
-	if a.meshFile != "" && n.agent != nil {
+	var appliers []func(mesh, error)
+	if n.agent != nil {
+		appliers = append(appliers, func(m mesh, err error) { n.applyMesh(m, err, log) })
+	}
+	if vn != nil {
+		appliers = append(appliers, vn.applyMesh)
+	}
+	if a.meshFile != "" && len(appliers) > 0 {
 		var wg sync.WaitGroup
 		wg.Add(1)
 		wctx, cancel := context.WithCancel(ctx)
 		go func() {
 			defer wg.Done()
-			n.watchMeshFile(wctx, a.meshFile, meshStamp, a.meshPoll, log)
+			watchMeshFile(wctx, a.meshFile, meshStamp, a.meshPoll, appliers...)
 		}()
 		defer func() { cancel(); wg.Wait() }()
 	}
@@ -282,9 +289,13 @@ func adoptedCount(st bpf.State) int {
 	return n
 }
 
-// watchMeshFile applies the mesh file when its modification time or size changes, and on
-// SIGHUP. A bad file is logged and shown in the status; the last good set stays.
-func (n *node) watchMeshFile(ctx context.Context, path, last string, every time.Duration, log *slog.Logger) {
+// watchMeshFile re-reads the mesh file when its modification time or size changes, and on
+// SIGHUP, and hands each read (or why it failed) to every applier: the BPF side takes the
+// mesh IPs and sidecar ports, VPP mode the pods. A bad file leaves each side's last good set.
+func watchMeshFile(ctx context.Context, path, last string, every time.Duration, appliers ...func(mesh, error)) {
+	if every <= 0 {
+		every = 2 * time.Second
+	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -304,27 +315,29 @@ func (n *node) watchMeshFile(ctx context.Context, path, last string, every time.
 			continue
 		}
 		last = stamp
-		err := n.applyMeshFile(path)
-		n.mu.Lock()
-		n.meshErr = ""
-		if err != nil {
-			n.meshErr = err.Error()
-		}
-		n.mu.Unlock()
-		if err != nil {
-			log.Error("mesh file not applied; the previous mesh set stays", "error", err)
-		} else {
-			log.Info("mesh set updated from file", "path", path)
+		m, err := readMeshFile(path)
+		for _, apply := range appliers {
+			apply(m, err)
 		}
 	}
 }
 
-func (n *node) applyMeshFile(path string) error {
-	m, err := readMeshFile(path)
-	if err != nil {
-		return err
+// applyMesh gives the BPF side the mesh IPs and sidecar ports of a new read of the mesh file.
+func (n *node) applyMesh(m mesh, err error, log *slog.Logger) {
+	if err == nil {
+		err = n.agent.SetMesh(m.IPs, m.SidecarPorts)
 	}
-	return n.agent.SetMesh(m.IPs, m.SidecarPorts)
+	n.mu.Lock()
+	n.meshErr = ""
+	if err != nil {
+		n.meshErr = err.Error()
+	}
+	n.mu.Unlock()
+	if err != nil {
+		log.Error("mesh file not applied; the previous mesh set stays", "error", err)
+	} else {
+		log.Info("mesh set updated from file")
+	}
 }
 
 func fileStamp(path string) string {

@@ -17,10 +17,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/signal"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -284,6 +282,7 @@ type vppNode struct {
 	cfg   vpp.Config
 	log   *slog.Logger
 
+	ctx    context.Context // ends with Close
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
@@ -308,14 +307,12 @@ func startVPP(a args, pods []meshPod, log *slog.Logger) (*vppNode, error) {
 		return nil, fmt.Errorf("-vpp-config %s: %w", a.vppConfig, err)
 	}
 	v := &vppNode{agent: ag, cfg: ag.Config(), log: log}
-	ctx, cancel := context.WithCancel(context.Background())
-	v.cancel = cancel
-	stamp := fileStamp(a.meshFile) // now, not in the goroutine: a change right after start counts
-	v.reconcile(ctx, pods)
+	v.ctx, v.cancel = context.WithCancel(context.Background())
+	v.reconcile(v.ctx, pods)
 	v.wg.Add(1)
 	go func() {
 		defer v.wg.Done()
-		v.watch(ctx, a.meshFile, stamp, a.meshPoll)
+		v.reportGivingUp()
 	}()
 	log.Info("VPP mode on", "api_socket", v.cfg.APISocket, "uplink_driver", v.cfg.Uplink.Driver, "handoff_dir", v.cfg.HandoffDir, "sidecars", len(pods))
 	return v, nil
@@ -362,50 +359,27 @@ func (v *vppNode) setMesh(sidecars int, meshErr string) {
 	v.meshErr = meshErr
 }
 
-// watch re-reads the mesh file's pods when it changes and on SIGHUP. The BPF side watches the same file for
-// its IPs; the two are independent so VPP mode works with acceleration off.
-func (v *vppNode) watch(ctx context.Context, path, last string, every time.Duration) {
-	if path == "" {
-		<-ctx.Done()
+// applyMesh gives the agent the pods of a new read of the mesh file (watchMeshFile in
+// run.go); a bad file leaves the previous sidecars in place.
+func (v *vppNode) applyMesh(m mesh, err error) {
+	if err != nil {
+		v.setMesh(-1, err.Error())
+		v.log.Error("mesh file not given to VPP; the previous sidecars stay", "error", err)
 		return
 	}
-	if every <= 0 {
-		every = 2 * time.Second
-	}
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	tick := time.NewTicker(every)
-	defer tick.Stop()
-	for {
-		force := false
-		select {
-		case <-ctx.Done():
-			return
-		case <-hup:
-			force = true
-		case <-v.agent.Done():
-			// Gave up on VPP (incompatible): nothing more to feed. Status says why.
-			if err := v.agent.Err(); err != nil {
-				v.log.Error("VPP mode off: VPP is not compatible with this agent; BPF acceleration is unaffected. "+
-					"Run a VPP 25.02 with the af_packet, rdma and dev plugins loaded, or restart the agent without -vpp-config", "error", err)
-			}
-			<-ctx.Done()
-			return
-		case <-tick.C:
+	v.reconcile(v.ctx, m.Pods)
+}
+
+// reportGivingUp logs, once, that the agent gave up on VPP (incompatible); the status says
+// why as well. Mesh changes after that are kept as desired state only.
+func (v *vppNode) reportGivingUp() {
+	select {
+	case <-v.ctx.Done():
+	case <-v.agent.Done():
+		if err := v.agent.Err(); err != nil {
+			v.log.Error("VPP mode off: VPP is not compatible with this agent; BPF acceleration is unaffected. "+
+				"Run a VPP 25.02 with the af_packet, rdma and dev plugins loaded, or restart the agent without -vpp-config", "error", err)
 		}
-		stamp := fileStamp(path)
-		if !force && stamp == last {
-			continue
-		}
-		last = stamp
-		m, err := readMeshFile(path)
-		if err != nil {
-			v.setMesh(-1, err.Error())
-			v.log.Error("mesh file not given to VPP; the previous sidecars stay", "error", err)
-			continue
-		}
-		v.reconcile(ctx, m.Pods)
 	}
 }
 
