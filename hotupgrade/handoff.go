@@ -2,14 +2,11 @@ package hotupgrade
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -191,45 +188,15 @@ func checkReusePort(pid int, ports map[int]bool) error {
 	if len(ports) == 0 {
 		return nil
 	}
-	pidfd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return fmt.Errorf("check the running Envoy's listeners for SO_REUSEPORT: pidfd_open %d: %w", pid, err)
-	}
-	defer unix.Close(pidfd)
-	dir := filepath.Join("/proc", strconv.Itoa(pid), "fd")
-	ents, err := os.ReadDir(dir)
+	socks, err := listenSockets(pid, ports)
 	if err != nil {
 		return fmt.Errorf("check the running Envoy's listeners for SO_REUSEPORT: %w", err)
 	}
+	defer closeSockets(socks)
 	var without []int
-	for _, e := range ents {
-		link, err := os.Readlink(filepath.Join(dir, e.Name()))
-		target, aerr := strconv.Atoi(e.Name())
-		if err != nil || aerr != nil || !strings.HasPrefix(link, "socket:") {
-			continue
-		}
-		fd, err := unix.PidfdGetfd(pidfd, target, 0)
-		if errors.Is(err, unix.EBADF) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("check the running Envoy's listeners for SO_REUSEPORT: pidfd_getfd: %w (the manager needs ptrace rights over Envoy: root or CAP_SYS_PTRACE)", err)
-		}
-		acc, err1 := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
-		reuse, err2 := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT)
-		sa, err3 := unix.Getsockname(fd)
-		unix.Close(fd)
-		if err1 != nil || err2 != nil || err3 != nil || acc == 0 {
-			continue
-		}
-		var port int
-		switch a := sa.(type) {
-		case *unix.SockaddrInet4:
-			port = a.Port
-		case *unix.SockaddrInet6:
-			port = a.Port
-		}
-		if ports[port] && reuse == 0 && !slices.Contains(without, port) {
+	for _, s := range socks {
+		reuse, err := unix.GetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_REUSEPORT)
+		if port := int(s.addr.Port()); err == nil && reuse == 0 && !slices.Contains(without, port) {
 			without = append(without, port)
 		}
 	}

@@ -225,3 +225,39 @@ func atoi(t *testing.T, s string) int {
 	}
 	return n
 }
+
+// TestCheckReusePort: the reuseport hand-off's precheck names the ports whose listen
+// sockets lack SO_REUSEPORT (a second Envoy could not bind them) and passes otherwise.
+func TestCheckReusePort(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: reads the listeners through pidfd_getfd")
+	}
+	// Plain TCP, as Envoy's (Go listens with MPTCP by default, which listenSockets skips).
+	var tcp net.ListenConfig
+	tcp.SetMultipathTCP(false)
+	plain, err := tcp.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
+		return errors.Join(err, serr)
+	}}
+	lc.SetMultipathTCP(false)
+	reuse, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reuse.Close()
+	port := func(l net.Listener) int { return l.Addr().(*net.TCPAddr).Port }
+
+	if err := checkReusePort(os.Getpid(), map[int]bool{port(reuse): true}); err != nil {
+		t.Errorf("a SO_REUSEPORT listener: %v", err)
+	}
+	err = checkReusePort(os.Getpid(), map[int]bool{port(reuse): true, port(plain): true})
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("[%d]", port(plain))) || !strings.Contains(err.Error(), HandoffHotRestart) {
+		t.Errorf("a listener without SO_REUSEPORT: %v, want its port %d named and the hot-restart hand-off suggested", err, port(plain))
+	}
+}
