@@ -50,7 +50,7 @@ func main() {
 	flag.StringVar(&o.jsonOut, "json", "", "also write all samples as JSON to this file")
 	flag.StringVar(&o.only, "only", "", "comma-separated runs to do (default all): "+strings.Join(runNames(), ",")+",envoy")
 	flag.IntVar(&o.envoyConns, "envoy-conns", 8, "fortio connections in the Envoy runs")
-	flag.BoolVar(&o.keepAwake, "keep-awake", true, "keep every CPU out of idle with SCHED_IDLE spinners while measuring (see awake.go)")
+	flag.BoolVar(&o.keepAwake, "keep-awake", true, "keep every CPU out of idle with SCHED_IDLE spinners during the ping-pong runs (see awake.go)")
 	flag.StringVar(&o.modes, "modes", strings.Join(defaultModes, ","), "comma-separated modes to compare ("+strings.Join(allModes, ",")+"); plain is the baseline")
 	serve := flag.String("go-serve", "", "internal: run the Go harness server on this address")
 	client := flag.String("go-client", "", "internal: run one Go harness client against this address for -duration")
@@ -274,13 +274,6 @@ func run(ctx context.Context, o opts) (err error) {
 	if !slices.Contains(modes, "plain") {
 		return errors.New("-modes must include plain, the baseline")
 	}
-	if o.keepAwake {
-		stop, err := keepAwake()
-		if err != nil {
-			return err
-		}
-		defer stop()
-	}
 	var samples []sample
 	for rep := range o.reps {
 		order := slices.Clone(modes)
@@ -303,7 +296,16 @@ func run(ctx context.Context, o opts) (err error) {
 					}
 					before, _ = agent.Stats()
 				}
+				// Ping-pongs only: the spinners cost bulk runs a fifth of their rate (they
+				// share the vCPUs' cores), and a wake-up delay does not matter to them.
+				stopAwake := func() {}
+				if o.keepAwake && strings.Contains(r.name, "pingpong") {
+					if stopAwake, err = keepAwake(); err != nil {
+						return err
+					}
+				}
 				vals, err := r.run(ctx, b)
+				stopAwake()
 				var redirected, demoted, unhooked uint64
 				if agent != nil {
 					after, _ := agent.Stats()
