@@ -429,6 +429,7 @@ func (m *sockopsMaps) byName() map[string]*ebpf.Map {
 		sockopsMapMtMeshIps:        m.MtMeshIps,
 		sockopsMapMtMeshPorts:      m.MtMeshPorts,
 		sockopsMapMtStats:          m.MtStats,
+		sockopsMapMtEvents:         m.MtEvents,
 		sockopsMapMtSkStorage:      m.MtSkStorage,
 		sockopsMapMtMeta:           m.MtMeta,
 		sockopsMapMtPairs:          m.MtPairs,

@@ -16,6 +16,7 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	connect4MapMtEvents         = "mt_events"
 	connect4MapMtExcludedCidrs  = "mt_excluded_cidrs"
 	connect4MapMtExcludedPorts  = "mt_excluded_ports"
 	connect4MapMtMeshIps        = "mt_mesh_ips"
@@ -82,6 +83,7 @@ type connect4ProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type connect4MapSpecs struct {
+	MtEvents         *ebpf.MapSpec `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
@@ -124,6 +126,7 @@ func (o *connect4Objects) Close() error {
 //
 // It can be passed to loadConnect4Objects or ebpf.CollectionSpec.LoadAndAssign.
 type connect4Maps struct {
+	MtEvents         *ebpf.Map `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
@@ -142,6 +145,7 @@ type connect4Maps struct {
 
 func (m *connect4Maps) Close() error {
 	return _Connect4Close(
+		m.MtEvents,
 		m.MtExcludedCidrs,
 		m.MtExcludedPorts,
 		m.MtMeshIps,

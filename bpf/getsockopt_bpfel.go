@@ -16,6 +16,7 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	getsockoptMapMtEvents         = "mt_events"
 	getsockoptMapMtExcludedCidrs  = "mt_excluded_cidrs"
 	getsockoptMapMtExcludedPorts  = "mt_excluded_ports"
 	getsockoptMapMtMeshIps        = "mt_mesh_ips"
@@ -82,6 +83,7 @@ type getsockoptProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type getsockoptMapSpecs struct {
+	MtEvents         *ebpf.MapSpec `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
@@ -124,6 +126,7 @@ func (o *getsockoptObjects) Close() error {
 //
 // It can be passed to loadGetsockoptObjects or ebpf.CollectionSpec.LoadAndAssign.
 type getsockoptMaps struct {
+	MtEvents         *ebpf.Map `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
@@ -142,6 +145,7 @@ type getsockoptMaps struct {
 
 func (m *getsockoptMaps) Close() error {
 	return _GetsockoptClose(
+		m.MtEvents,
 		m.MtExcludedCidrs,
 		m.MtExcludedPorts,
 		m.MtMeshIps,

@@ -116,9 +116,13 @@ static __always_inline int mt_peer_key_from_msg(struct sk_msg_md *msg, struct mt
  * redirect's or saw the demotion and did not redirect, or unhook.c sees MT_PAIR_REDIRECTED. */
 static __always_inline void mt_demote(struct mt_pair_state *ps)
 {
+	__u8 one = 1;
+
 	if (!(ps->flags & MT_PAIR_DEMOTED))
 		ps->demoted_ns = bpf_ktime_get_ns();
-	__sync_fetch_and_or(&ps->flags, MT_PAIR_DEMOTED);
+	/* The first demotion wakes the agent's sweeper (unhook.go). */
+	if (!(__sync_fetch_and_or(&ps->flags, MT_PAIR_DEMOTED) & MT_PAIR_DEMOTED))
+		bpf_ringbuf_output(&mt_events, &one, sizeof(one), 0);
 }
 
 static __always_inline int mt_keep_on_tcp(struct mt_counters *c, __u64 size)

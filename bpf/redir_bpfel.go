@@ -16,6 +16,7 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	redirMapMtEvents         = "mt_events"
 	redirMapMtExcludedCidrs  = "mt_excluded_cidrs"
 	redirMapMtExcludedPorts  = "mt_excluded_ports"
 	redirMapMtMeshIps        = "mt_mesh_ips"
@@ -85,6 +86,7 @@ type redirProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type redirMapSpecs struct {
+	MtEvents         *ebpf.MapSpec `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
@@ -130,6 +132,7 @@ func (o *redirObjects) Close() error {
 //
 // It can be passed to loadRedirObjects or ebpf.CollectionSpec.LoadAndAssign.
 type redirMaps struct {
+	MtEvents         *ebpf.Map `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
@@ -148,6 +151,7 @@ type redirMaps struct {
 
 func (m *redirMaps) Close() error {
 	return _RedirClose(
+		m.MtEvents,
 		m.MtExcludedCidrs,
 		m.MtExcludedPorts,
 		m.MtMeshIps,

@@ -109,6 +109,7 @@ type sockopsMtSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	sockopsMapMtEvents         = "mt_events"
 	sockopsMapMtExcludedCidrs  = "mt_excluded_cidrs"
 	sockopsMapMtExcludedPorts  = "mt_excluded_ports"
 	sockopsMapMtMeshIps        = "mt_mesh_ips"
@@ -175,6 +176,7 @@ type sockopsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
+	MtEvents         *ebpf.MapSpec `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
@@ -217,6 +219,7 @@ func (o *sockopsObjects) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
+	MtEvents         *ebpf.Map `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
@@ -235,6 +238,7 @@ type sockopsMaps struct {
 
 func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
+		m.MtEvents,
 		m.MtExcludedCidrs,
 		m.MtExcludedPorts,
 		m.MtMeshIps,

@@ -16,6 +16,7 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	unhookMapMtEvents         = "mt_events"
 	unhookMapMtExcludedCidrs  = "mt_excluded_cidrs"
 	unhookMapMtExcludedPorts  = "mt_excluded_ports"
 	unhookMapMtMeshIps        = "mt_mesh_ips"
@@ -83,6 +84,7 @@ type unhookProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type unhookMapSpecs struct {
+	MtEvents         *ebpf.MapSpec `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
@@ -126,6 +128,7 @@ func (o *unhookObjects) Close() error {
 //
 // It can be passed to loadUnhookObjects or ebpf.CollectionSpec.LoadAndAssign.
 type unhookMaps struct {
+	MtEvents         *ebpf.Map `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
 	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
@@ -144,6 +147,7 @@ type unhookMaps struct {
 
 func (m *unhookMaps) Close() error {
 	return _UnhookClose(
+		m.MtEvents,
 		m.MtExcludedCidrs,
 		m.MtExcludedPorts,
 		m.MtMeshIps,

@@ -46,6 +46,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mt_stats SEC(".maps");
 
+/* Demotion events (redir.c writes one when a pair is demoted): they wake the agent's
+ * sweeper (unhook.go), which sleeps otherwise. The record carries nothing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_events SEC(".maps");
+
 /* Per-socket state, freed with the socket. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
