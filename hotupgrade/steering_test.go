@@ -105,17 +105,6 @@ func queues(t *testing.T, p *process, ports map[int]bool) map[string]int {
 	return out
 }
 
-func dialN(t *testing.T, addr string, n int) {
-	t.Helper()
-	for range n {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-	}
-}
-
 // steerAway between two processes that listen like Envoys on an IPv4 and an IPv6 address
 // (two sockets each per address), and one address only the old one has: new connections
 // go to the new process's sockets only, and once the steering is closed, to both again.
@@ -131,7 +120,7 @@ func TestSteerAway(t *testing.T) {
 	m := &Manager{cfg: Config{Logger: slog.New(logs)}}
 
 	// The old process never accepts: steerAway waits steerWait for its queues, in vain.
-	dialN(t, v4, 10)
+	testenv.DialN(t, v4, 10)
 	st := m.steerAway(nil, old, child, ports)
 	if st == nil {
 		t.Fatal("steerAway: no steering")
@@ -139,7 +128,7 @@ func TestSteerAway(t *testing.T) {
 	const n = 100
 	before, beforeC := queues(t, old, ports), queues(t, child, ports)
 	for _, a := range []string{v4, v6, v4only} {
-		dialN(t, a, n)
+		testenv.DialN(t, a, n)
 	}
 	q, qc := queues(t, old, ports), queues(t, child, ports)
 	if q[v4] != before[v4] || q[v6] != before[v6] || q[v4only] != before[v4only]+n || qc[v4] != beforeC[v4]+n || qc[v6] != beforeC[v6]+n {
@@ -151,13 +140,13 @@ func TestSteerAway(t *testing.T) {
 	if st = m.steerAway(st, child, old, ports); st == nil {
 		t.Fatal("steerAway back: no steering")
 	}
-	dialN(t, v6, n)
+	testenv.DialN(t, v6, n)
 	if q2, qc2 := queues(t, old, ports), queues(t, child, ports); q2[v6] != q[v6]+n || qc2[v6] != qc[v6] {
 		t.Errorf("steered back: old queues %v, new %v; want the %d new connections on the old process", q2, qc2, n)
 	}
 	st.close(m, old)
 	q, qc = queues(t, old, ports), queues(t, child, ports)
-	dialN(t, v6, n)
+	testenv.DialN(t, v6, n)
 	q2, qc2 := queues(t, old, ports), queues(t, child, ports)
 	if q2[v6] == q[v6] || qc2[v6] == qc[v6] {
 		t.Errorf("steering closed: %d new connections went %d/%d; want them spread", n, q2[v6]-q[v6], qc2[v6]-qc[v6])
@@ -200,7 +189,7 @@ func TestSteerAwayFallsBack(t *testing.T) {
 		t.Errorf("%d failures to steer logged; want 1", u)
 	}
 	const n = 100
-	dialN(t, v4, n)
+	testenv.DialN(t, v4, n)
 	if q, qc := queues(t, old, ports), queues(t, child, ports); q[v4] == 0 || qc[v4] == 0 {
 		t.Errorf("after the failure: old queues %v, new %v; want the %d connections spread (no program left)", q, qc, n)
 	}

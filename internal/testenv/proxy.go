@@ -102,3 +102,16 @@ func (p *TCPProxy) Restore() {
 	p.down = false
 	p.mu.Unlock()
 }
+
+// DialN opens n connections to addr and keeps them open until the test ends, so that they
+// wait in the listeners' accept queues (no one reads or accepts them here).
+func DialN(t testing.TB, addr string, n int) {
+	t.Helper()
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+}

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/meshturbo/meshturbo/internal/testenv"
 )
 
 func requireRoot(t *testing.T) {
@@ -67,18 +69,6 @@ func fds(t *testing.T, ls ...*net.TCPListener) []int {
 	return out
 }
 
-// dial opens n connections to addr and leaves them in the listeners' accept queues.
-func dial(t *testing.T, addr string, n int) {
-	t.Helper()
-	for range n {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-	}
-}
-
 // queued is the accept queue length of each listener.
 func queued(t *testing.T, ls ...*net.TCPListener) []int {
 	t.Helper()
@@ -118,7 +108,7 @@ func TestSteer(t *testing.T) {
 			if err := s.To(fds(t, b)); err != nil {
 				t.Fatal(err)
 			}
-			dial(t, a.Addr().String(), n)
+			testenv.DialN(t, a.Addr().String(), n)
 			if q := queued(t, a, b); q[0] != 0 || q[1] != n {
 				t.Fatalf("steered to the second listener: queues %v, want [0 %d]", q, n)
 			}
@@ -126,14 +116,14 @@ func TestSteer(t *testing.T) {
 			if err := s.To(fds(t, a)); err != nil {
 				t.Fatal(err)
 			}
-			dial(t, a.Addr().String(), n)
+			testenv.DialN(t, a.Addr().String(), n)
 			if q := queued(t, a, b); q[0] != n || q[1] != n {
 				t.Fatalf("steered to the first listener: queues %v, want [%d %d]", q, n, n)
 			}
 			if err := s.Detach(fds(t, b)); err != nil {
 				t.Fatal(err)
 			}
-			dial(t, a.Addr().String(), n)
+			testenv.DialN(t, a.Addr().String(), n)
 			q := queued(t, a, b)
 			t.Logf("after detaching, %d more connections went %d/%d", n, q[0]-n, q[1]-n)
 			if q[0] == n || q[1] == n || q[0]+q[1] != 3*n {
@@ -153,7 +143,7 @@ func TestSteerGroupAndMigration(t *testing.T) {
 	other := listeners(t, "127.0.0.1:0", 2) // a second group, not steered
 	s := newSteer(t)
 	const n = 200
-	dial(t, old.Addr().String(), n) // unsteered: spread over all four
+	testenv.DialN(t, old.Addr().String(), n) // unsteered: spread over all four
 	before := queued(t, old, b1, b2, c)
 	if before[0] == 0 {
 		t.Fatalf("queues %v: nothing queued on the first listener", before)
@@ -161,12 +151,12 @@ func TestSteerGroupAndMigration(t *testing.T) {
 	if err := s.To(append(fds(t, b1, b2), fd(t, other[1]))); err != nil {
 		t.Fatal(err)
 	}
-	dial(t, old.Addr().String(), n)
+	testenv.DialN(t, old.Addr().String(), n)
 	mid := queued(t, old, b1, b2, c)
 	if mid[0] != before[0] || mid[3] != before[3] || mid[1] == before[1] || mid[2] == before[2] || mid[1]+mid[2] != before[1]+before[2]+n {
 		t.Fatalf("steered to the middle two: queues %v before, %v after %d more; want them all on the middle two, on both", before, mid, n)
 	}
-	dial(t, other[0].Addr().String(), n)
+	testenv.DialN(t, other[0].Addr().String(), n)
 	if q := queued(t, other...); q[0] != 0 || q[1] != n {
 		t.Fatalf("second group steered to its second socket: queues %v", q)
 	}
@@ -179,7 +169,7 @@ func TestSteerGroupAndMigration(t *testing.T) {
 	if err := s.To(fds(t, other[1])); err != nil {
 		t.Fatal(err)
 	}
-	dial(t, b1.Addr().String(), n)
+	testenv.DialN(t, b1.Addr().String(), n)
 	if q := queued(t, b1, b2, c); q[2] == after[2] {
 		t.Errorf("first group no longer steered: queues %v after %d more, were %v; want some on the last listener", q, n, after)
 	}
@@ -232,20 +222,20 @@ func TestSteerOutlivesItsOwner(t *testing.T) {
 		t.Fatal(err)
 	}
 	const n = 100
-	dial(t, a.Addr().String(), n)
+	testenv.DialN(t, a.Addr().String(), n)
 	q := queued(t, a, b1, b2)
 	if q[0] != 0 || q[1]+q[2] != n {
 		t.Fatalf("owner gone: queues %v, want all %d on the last two", q, n)
 	}
 	b1.Close()
-	dial(t, a.Addr().String(), n)
+	testenv.DialN(t, a.Addr().String(), n)
 	q = queued(t, a, b2)
 	t.Logf("one steered socket closed: queues %v", q)
 	if q[0]+q[1] != 2*n || q[0] == 0 {
 		t.Fatalf("one steered socket closed: queues %v, want %d connections in all, some (its queue at least) on the unsteered one", q, 2*n)
 	}
 	b2.Close()
-	dial(t, a.Addr().String(), n)
+	testenv.DialN(t, a.Addr().String(), n)
 	if q := queued(t, a); q[0] != 3*n {
 		t.Fatalf("all steered sockets closed: the other one queues %d, want all %d", q[0], 3*n)
 	}
