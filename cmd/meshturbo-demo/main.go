@@ -37,7 +37,16 @@ import (
 func main() {
 	outDir := flag.String("out", "out/demo", "directory for the logs of every process")
 	calls := flag.Int("calls", 5, "calls per service")
+	child := flag.String("accel-child", "", "internal: run the acceleration workload on this address")
+	childRun := flag.Duration("accel-run", accelRun, "internal: how long each acceleration workload runs")
 	flag.Parse()
+	if *child != "" {
+		if err := accelChild(*child, *childRun); err != nil {
+			fmt.Fprintln(os.Stderr, "accel workload:", err)
+			os.Exit(1)
+		}
+		return
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -307,11 +316,17 @@ lazyload:
 	fmt.Printf("                                 the other %d services stay out — make bench-lazyload compares with a full sidecar)\n",
 		others+1)
 	fmt.Printf("  learned edges: meshctl lazyload edges, or GET http://%s/v1/lazyload/edges\n", admin)
-	if deps.EnvoyOld == "" {
-		return ctx.Err()
+	if deps.EnvoyOld != "" {
+		fmt.Println()
+		if err := upgradeUnderLoad(ctx, upAdmin, deps.EnvoyOld, deps.EnvoyOldVersion, hostFor(samples[0]), samples[0].port); err != nil {
+			return err
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	fmt.Println()
-	return upgradeUnderLoad(ctx, upAdmin, deps.EnvoyOld, deps.EnvoyOldVersion, hostFor(samples[0]), samples[0].port)
+	return demoAccel(ctx)
 }
 
 // upgradeUnderLoad swaps the running sidecar Envoy for another version through meshturbo-upgrade
