@@ -18,6 +18,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
+
+	"github.com/meshturbo/meshturbo/internal/testenv"
 )
 
 // Connections opened before an upgrade: what their clients see while the old Envoy drains
@@ -421,43 +423,6 @@ static_resources:
 `, ah, ap, lh, lp, tag, bh, bp)
 }
 
-// startEcho is a TCP backend that echoes what it reads.
-func startEcho(t *testing.T) string {
-	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]bool{}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := lis.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns[c] = true
-			mu.Unlock()
-			wg.Add(1)
-			go func() { defer wg.Done(); _, _ = io.Copy(c, c); c.Close() }()
-		}
-	}()
-	t.Cleanup(func() {
-		lis.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return lis.Addr().String()
-}
-
 func echoOnce(c net.Conn, msg string) error {
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.WriteString(c, msg); err != nil {
@@ -478,7 +443,7 @@ func echoOnce(c net.Conn, msg string) error {
 // FIN when the old Envoy is stopped at the drain deadline; new connections reach the new one.
 func TestRawTCPConnectionsSurviveTheDrainAndEndWithFIN(t *testing.T) {
 	const drain = 4 * time.Second
-	f := newFixtureWith(t, "", startEcho(t), tcpBootstrap, func(c *Config) { c.DrainTimeout = drain })
+	f := newFixtureWith(t, "", testenv.StartTCPEcho(t), tcpBootstrap, func(c *Config) { c.DrainTimeout = drain })
 	c, err := net.Dial("tcp", f.listen)
 	if err != nil {
 		t.Fatal(err)

@@ -126,43 +126,6 @@ func (p *managerProc) kill(t *testing.T) {
 	<-p.done
 }
 
-// tcpEcho is a backend that echoes what it reads.
-func tcpEcho(t *testing.T) string {
-	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := map[net.Conn]bool{}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := lis.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns[c] = true
-			mu.Unlock()
-			wg.Add(1)
-			go func() { defer wg.Done(); _, _ = io.Copy(c, c); c.Close() }()
-		}
-	}()
-	t.Cleanup(func() {
-		lis.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return lis.Addr().String()
-}
-
 // bootstrapWithTCP is bootstrap plus a tcp_proxy listener to an echo backend.
 func bootstrapWithTCP(admin, listen, tcpListen int, echo, body string) string {
 	h, p, _ := net.SplitHostPort(echo)
@@ -352,7 +315,7 @@ func testSIGKILLedMidUpgrade(t *testing.T, handoff string) {
 	if err := os.Mkdir(work, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	echoAddr := tcpEcho(t)
+	echoAddr := testenv.StartTCPEcho(t)
 	writeBootstrap := func(tag string) string {
 		path := filepath.Join(dir, "bootstrap-"+tag+".yaml")
 		if err := os.WriteFile(path, []byte(bootstrapWithTCP(envoyAdmin, listen, tcpListen, echoAddr, tag)), 0o600); err != nil {
