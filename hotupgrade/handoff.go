@@ -239,12 +239,7 @@ func (m *Manager) upgradeReusePort(ctx context.Context, req UpgradeRequest, old 
 		_ = removeShm(baseID)
 		return reject(err)
 	}
-	m.watch(child)
-	m.setChild(child)
-	m.persist()
-	hctx, hcancel := context.WithTimeout(ctx, m.cfg.HandoffTimeout)
-	si, err := waitLive(hctx, child)
-	hcancel()
+	si, err := m.startedChild(ctx, child)
 	res.HandoffMS = time.Since(hstart).Milliseconds()
 	if err != nil {
 		return m.rollbackReusePort(res, child, old, ports, false, fmt.Errorf("hand-off: %w", err), nil)

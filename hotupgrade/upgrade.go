@@ -229,12 +229,7 @@ func (m *Manager) upgrade(ctx context.Context, req UpgradeRequest) (res UpgradeR
 		r.childExited()
 		return reject(err)
 	}
-	m.watch(child)
-	m.setChild(child)
-	m.persist()
-	hctx, hcancel := context.WithTimeout(ctx, m.cfg.HandoffTimeout)
-	si, err := waitLive(hctx, child)
-	hcancel()
+	si, err := m.startedChild(ctx, child)
 	res.HandoffMS = time.Since(hstart).Milliseconds()
 	if err != nil {
 		return m.rollback(res, r, child, ports, false, fmt.Errorf("hand-off: %w; %s", err, r.state()))
@@ -545,4 +540,15 @@ func (m *Manager) record(res UpgradeResult) {
 	}
 	m.status.Last = &res
 	m.persistLocked()
+}
+
+// startedChild records a just started Envoy as the upgrade's child (watched, in the state
+// file) and waits at most HandoffTimeout for it to be LIVE.
+func (m *Manager) startedChild(ctx context.Context, child *process) (serverInfo, error) {
+	m.watch(child)
+	m.setChild(child)
+	m.persist()
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.HandoffTimeout)
+	defer cancel()
+	return waitLive(ctx, child)
 }
