@@ -26,6 +26,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -422,25 +423,19 @@ func (a *Agent) load() error {
 	return nil
 }
 
-// byName maps each shared map's name to the loaded map, for MapReplacements.
+// byName maps each shared map's name to the loaded map, for MapReplacements: every map of
+// sockopsMaps, by its `ebpf` tag, so that a map added to maps.h needs no entry here.
 func (m *sockopsMaps) byName() map[string]*ebpf.Map {
-	return map[string]*ebpf.Map{
-		sockopsMapMtSockhash:       m.MtSockhash,
-		sockopsMapMtMeshIps:        m.MtMeshIps,
-		sockopsMapMtMeshPorts:      m.MtMeshPorts,
-		sockopsMapMtStats:          m.MtStats,
-		sockopsMapMtEvents:         m.MtEvents,
-		sockopsMapMtSkStorage:      m.MtSkStorage,
-		sockopsMapMtMeta:           m.MtMeta,
-		sockopsMapMtPairs:          m.MtPairs,
-		sockopsMapMtRedirect:       m.MtRedirect,
-		sockopsMapMtSidecarCgroups: m.MtSidecarCgroups,
-		sockopsMapMtExcludedPorts:  m.MtExcludedPorts,
-		sockopsMapMtExcludedCidrs:  m.MtExcludedCidrs,
-		sockopsMapMtOrigByCookie:   m.MtOrigByCookie,
-		sockopsMapMtOrigByAddr:     m.MtOrigByAddr,
-		sockopsMapMtSkAddrs:        m.MtSkAddrs,
+	out := map[string]*ebpf.Map{}
+	v := reflect.ValueOf(m).Elem()
+	for i := range v.NumField() {
+		if name := v.Type().Field(i).Tag.Get("ebpf"); name != "" {
+			if mp, ok := v.Field(i).Interface().(*ebpf.Map); ok && mp != nil {
+				out[name] = mp
+			}
+		}
 	}
+	return out
 }
 
 // retireIncompatible unpins every pinned map that the new spec can't use: a different

@@ -19,6 +19,7 @@ const (
 	getsockoptMapMtEvents         = "mt_events"
 	getsockoptMapMtExcludedCidrs  = "mt_excluded_cidrs"
 	getsockoptMapMtExcludedPorts  = "mt_excluded_ports"
+	getsockoptMapMtListeners      = "mt_listeners"
 	getsockoptMapMtMeshIps        = "mt_mesh_ips"
 	getsockoptMapMtMeshPorts      = "mt_mesh_ports"
 	getsockoptMapMtMeta           = "mt_meta"
@@ -86,6 +87,7 @@ type getsockoptMapSpecs struct {
 	MtEvents         *ebpf.MapSpec `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
+	MtListeners      *ebpf.MapSpec `ebpf:"mt_listeners"`
 	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
 	MtMeshPorts      *ebpf.MapSpec `ebpf:"mt_mesh_ports"`
 	MtMeta           *ebpf.MapSpec `ebpf:"mt_meta"`
@@ -129,6 +131,7 @@ type getsockoptMaps struct {
 	MtEvents         *ebpf.Map `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
+	MtListeners      *ebpf.Map `ebpf:"mt_listeners"`
 	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
 	MtMeshPorts      *ebpf.Map `ebpf:"mt_mesh_ports"`
 	MtMeta           *ebpf.Map `ebpf:"mt_meta"`
@@ -148,6 +151,7 @@ func (m *getsockoptMaps) Close() error {
 		m.MtEvents,
 		m.MtExcludedCidrs,
 		m.MtExcludedPorts,
+		m.MtListeners,
 		m.MtMeshIps,
 		m.MtMeshPorts,
 		m.MtMeta,

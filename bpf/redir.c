@@ -111,20 +111,6 @@ static __always_inline int mt_peer_key_from_msg(struct sk_msg_md *msg, struct mt
 	return 0;
 }
 
-/* mt_demote moves a pair to the TCP path for good. The flag is set with an atomic or, which
- * orders it against MT_PAIR_REDIRECTED (set the same way before a redirect): either the
- * redirect's or saw the demotion and did not redirect, or unhook.c sees MT_PAIR_REDIRECTED. */
-static __always_inline void mt_demote(struct mt_pair_state *ps)
-{
-	__u8 one = 1;
-
-	if (!(ps->flags & MT_PAIR_DEMOTED))
-		ps->demoted_ns = bpf_ktime_get_ns();
-	/* The first demotion wakes the agent's sweeper (unhook.go). */
-	if (!(__sync_fetch_and_or(&ps->flags, MT_PAIR_DEMOTED) & MT_PAIR_DEMOTED))
-		bpf_ringbuf_output(&mt_events, &one, sizeof(one), 0);
-}
-
 static __always_inline int mt_keep_on_tcp(struct mt_counters *c, __u64 size)
 {
 	mt_count(c, msg_tcp_only, 1);

@@ -19,6 +19,7 @@ const (
 	redirMapMtEvents         = "mt_events"
 	redirMapMtExcludedCidrs  = "mt_excluded_cidrs"
 	redirMapMtExcludedPorts  = "mt_excluded_ports"
+	redirMapMtListeners      = "mt_listeners"
 	redirMapMtMeshIps        = "mt_mesh_ips"
 	redirMapMtMeshPorts      = "mt_mesh_ports"
 	redirMapMtMeta           = "mt_meta"
@@ -89,6 +90,7 @@ type redirMapSpecs struct {
 	MtEvents         *ebpf.MapSpec `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
+	MtListeners      *ebpf.MapSpec `ebpf:"mt_listeners"`
 	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
 	MtMeshPorts      *ebpf.MapSpec `ebpf:"mt_mesh_ports"`
 	MtMeta           *ebpf.MapSpec `ebpf:"mt_meta"`
@@ -135,6 +137,7 @@ type redirMaps struct {
 	MtEvents         *ebpf.Map `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
+	MtListeners      *ebpf.Map `ebpf:"mt_listeners"`
 	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
 	MtMeshPorts      *ebpf.Map `ebpf:"mt_mesh_ports"`
 	MtMeta           *ebpf.Map `ebpf:"mt_meta"`
@@ -154,6 +157,7 @@ func (m *redirMaps) Close() error {
 		m.MtEvents,
 		m.MtExcludedCidrs,
 		m.MtExcludedPorts,
+		m.MtListeners,
 		m.MtMeshIps,
 		m.MtMeshPorts,
 		m.MtMeta,

@@ -8,6 +8,7 @@
 #include <bpf/bpf_endian.h>
 #include "headers/mesh.h"
 #include "headers/maps.h"
+#include "headers/kernel.h"
 
 #define EBUSY 16
 #define ENOMEM 12
@@ -98,6 +99,78 @@ static __always_inline void mt_forget_addr(struct bpf_sock_ops *skops)
 	bpf_map_delete_elem(&mt_pairs, mt_key_less(&key, &peer) ? &key : &peer);
 }
 
+/* A listening socket of the cgroup: record where it lives, so that the connections it will
+ * accept can be checked against its mode (mt_listener_blocks). */
+static __always_inline void mt_record_listener(struct bpf_sock_ops *skops)
+{
+	struct mt_listener_key key = {.netns = bpf_get_netns_cookie(skops), .port = (__u16)skops->local_port};
+	struct mt_sk_addr addr = {.cookie = bpf_get_socket_cookie(skops)};
+
+	if (!skops->sk)
+		return;
+	addr.addr = (__u64)bpf_skc_to_tcp_sock(skops->sk);
+	if (addr.addr)
+		bpf_map_update_elem(&mt_listeners, &key, &addr, BPF_ANY);
+}
+
+/* mt_listener_blocks says whether the listener on the passive socket's port is in blocking
+ * mode now: accept(2) on a blocking listener is a blocking server, whose accepted sockets
+ * read in blocking mode. 0 when it is not, or not known (no record, or the socket at the
+ * recorded address is another one by now). */
+static __always_inline int mt_listener_blocks(struct bpf_sock_ops *skops)
+{
+	struct mt_listener_key key = {.netns = bpf_get_netns_cookie(skops), .port = (__u16)skops->local_port};
+	struct mt_sk_addr *l = bpf_map_lookup_elem(&mt_listeners, &key);
+	__u64 cookie = 0;
+	struct sock *sk;
+
+	if (!l || !l->addr)
+		return 0;
+	/* The address is read outside bpf_core_read, which would relocate l's own fields. */
+	sk = (struct sock *)l->addr;
+	if (bpf_core_read(&cookie, sizeof(cookie), &sk->__sk_common.skc_cookie.counter) || cookie != l->cookie)
+		return 0;
+	return mt_sk_blocking(sk) == 1;
+}
+
+/* Blocking sockets are never inserted (redir.c, "Faithful reads"): a socket in the sockhash
+ * reads through tcp_bpf_recvmsg, whose blocking wait ends in EAGAIN when a signal interrupts
+ * it, even before anything was redirected. The mode is known when it matters for the common
+ * kinds: the connecting end has its file (a blocking connect(2) or a socket made blocking
+ * before it), and the passive end comes from a listener whose mode a blocking server shares.
+ * The connecting end is established first, so the passive end goes in only when its peer
+ * did. A socket that changes mode later is caught by redir.c at its pair's next send. */
+static __always_inline int mt_blocking_skip(struct bpf_sock_ops *skops, const struct mt_sock_key *key, __u64 own,
+					    struct mt_counters *c)
+{
+	struct mt_sock_key peer;
+	const struct mt_sock_key *ck;
+	struct mt_pair_state fresh = {}, *ps;
+
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		if (mt_sk_blocking((struct sock *)own) != 1)
+			return 0;
+		mt_count(c, sock_blocking_skipped, 1);
+		return 1;
+	}
+	mt_key_swap(&peer, key);
+	if (!bpf_map_lookup_elem(&mt_sk_addrs, &peer)) {
+		mt_count(c, sock_unpaired, 1);
+		return 1;
+	}
+	if (!mt_listener_blocks(skops))
+		return 0;
+	/* The connecting end is in already: demote the pair, so that the sweeper takes it out
+	 * at once (nothing was redirected on it). */
+	ck = mt_key_less(key, &peer) ? key : &peer;
+	bpf_map_update_elem(&mt_pairs, ck, &fresh, BPF_NOEXIST);
+	ps = bpf_map_lookup_elem(&mt_pairs, ck);
+	if (ps)
+		mt_demote(ps);
+	mt_count(c, sock_blocking_skipped, 1);
+	return 1;
+}
+
 SEC("sockops")
 int mt_sockops(struct bpf_sock_ops *skops)
 {
@@ -113,6 +186,9 @@ int mt_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		mt_forget_addr(skops);
+		return 1;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		mt_record_listener(skops);
 		return 1;
 	default:
 		return 1;
@@ -145,9 +221,14 @@ int mt_sockops(struct bpf_sock_ops *skops)
 		mt_count(c, sock_insert_failed, 1);
 		return 1;
 	}
+	if (mt_blocking_skip(skops, &key, addr.addr, c))
+		return 1;
 	err = bpf_map_update_elem(&mt_sk_addrs, &key, &addr, BPF_ANY);
-	if (!err)
+	if (!err) {
 		err = bpf_sock_hash_update(skops, &mt_sockhash, &key, BPF_NOEXIST);
+		if (err) /* a record exists only for the sockets of our sockhash */
+			bpf_map_delete_elem(&mt_sk_addrs, &key);
+	}
 	if (err) {
 		mt_count(c, sock_insert_failed, 1);
 		if (err == -EBUSY)

@@ -45,11 +45,20 @@ type sockopsMtCounters struct {
 	QueueUnknown        uint64
 	SockBlockingDemoted uint64
 	QueueResumed        uint64
+	SockBlockingSkipped uint64
+	SockUnpaired        uint64
 }
 
 type sockopsMtIp struct {
 	_    structs.HostLayout
 	Addr [4]uint32
+}
+
+type sockopsMtListenerKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Port  uint16
+	Pad   [3]uint16
 }
 
 type sockopsMtOrigDst struct {
@@ -112,6 +121,7 @@ const (
 	sockopsMapMtEvents         = "mt_events"
 	sockopsMapMtExcludedCidrs  = "mt_excluded_cidrs"
 	sockopsMapMtExcludedPorts  = "mt_excluded_ports"
+	sockopsMapMtListeners      = "mt_listeners"
 	sockopsMapMtMeshIps        = "mt_mesh_ips"
 	sockopsMapMtMeshPorts      = "mt_mesh_ports"
 	sockopsMapMtMeta           = "mt_meta"
@@ -179,6 +189,7 @@ type sockopsMapSpecs struct {
 	MtEvents         *ebpf.MapSpec `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
+	MtListeners      *ebpf.MapSpec `ebpf:"mt_listeners"`
 	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
 	MtMeshPorts      *ebpf.MapSpec `ebpf:"mt_mesh_ports"`
 	MtMeta           *ebpf.MapSpec `ebpf:"mt_meta"`
@@ -222,6 +233,7 @@ type sockopsMaps struct {
 	MtEvents         *ebpf.Map `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
+	MtListeners      *ebpf.Map `ebpf:"mt_listeners"`
 	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
 	MtMeshPorts      *ebpf.Map `ebpf:"mt_mesh_ports"`
 	MtMeta           *ebpf.Map `ebpf:"mt_meta"`
@@ -241,6 +253,7 @@ func (m *sockopsMaps) Close() error {
 		m.MtEvents,
 		m.MtExcludedCidrs,
 		m.MtExcludedPorts,
+		m.MtListeners,
 		m.MtMeshIps,
 		m.MtMeshPorts,
 		m.MtMeta,

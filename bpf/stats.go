@@ -51,6 +51,13 @@ type Stats struct {
 	// is in blocking mode (a signal would turn its blocking read into EAGAIN when
 	// redirected); counted in SocketsDemoted as well.
 	BlockingDemoted uint64 `json:"blocking_demoted"`
+	// BlockingSkipped counts mesh sockets never inserted because they would read in
+	// blocking mode: the connecting socket's file blocks, or the listener that will accept
+	// the connection does. Unpaired counts accepted mesh sockets never inserted because the
+	// connecting end is not in the sockhash (skipped as blocking, outside the cgroup,
+	// refused, or its addresses differ as with iptables NAT): no send could be redirected.
+	BlockingSkipped uint64 `json:"blocking_skipped"`
+	Unpaired        uint64 `json:"unpaired"`
 	// ConnectRedirected counts connects the redirect mode sent to the sidecar;
 	// ConnectSidecar and ConnectExcluded those it left alone because the sidecar made them
 	// or their destination is excluded.
@@ -107,6 +114,8 @@ func readStats(m *ebpf.Map) (Stats, error) {
 		s.QueueResumed += c.QueueResumed
 		s.QueueUnknown += c.QueueUnknown
 		s.BlockingDemoted += c.SockBlockingDemoted
+		s.BlockingSkipped += c.SockBlockingSkipped
+		s.Unpaired += c.SockUnpaired
 	}
 	return s, nil
 }

@@ -19,6 +19,7 @@ const (
 	unhookMapMtEvents         = "mt_events"
 	unhookMapMtExcludedCidrs  = "mt_excluded_cidrs"
 	unhookMapMtExcludedPorts  = "mt_excluded_ports"
+	unhookMapMtListeners      = "mt_listeners"
 	unhookMapMtMeshIps        = "mt_mesh_ips"
 	unhookMapMtMeshPorts      = "mt_mesh_ports"
 	unhookMapMtMeta           = "mt_meta"
@@ -87,6 +88,7 @@ type unhookMapSpecs struct {
 	MtEvents         *ebpf.MapSpec `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.MapSpec `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.MapSpec `ebpf:"mt_excluded_ports"`
+	MtListeners      *ebpf.MapSpec `ebpf:"mt_listeners"`
 	MtMeshIps        *ebpf.MapSpec `ebpf:"mt_mesh_ips"`
 	MtMeshPorts      *ebpf.MapSpec `ebpf:"mt_mesh_ports"`
 	MtMeta           *ebpf.MapSpec `ebpf:"mt_meta"`
@@ -131,6 +133,7 @@ type unhookMaps struct {
 	MtEvents         *ebpf.Map `ebpf:"mt_events"`
 	MtExcludedCidrs  *ebpf.Map `ebpf:"mt_excluded_cidrs"`
 	MtExcludedPorts  *ebpf.Map `ebpf:"mt_excluded_ports"`
+	MtListeners      *ebpf.Map `ebpf:"mt_listeners"`
 	MtMeshIps        *ebpf.Map `ebpf:"mt_mesh_ips"`
 	MtMeshPorts      *ebpf.Map `ebpf:"mt_mesh_ports"`
 	MtMeta           *ebpf.Map `ebpf:"mt_meta"`
@@ -150,6 +153,7 @@ func (m *unhookMaps) Close() error {
 		m.MtEvents,
 		m.MtExcludedCidrs,
 		m.MtExcludedPorts,
+		m.MtListeners,
 		m.MtMeshIps,
 		m.MtMeshPorts,
 		m.MtMeta,

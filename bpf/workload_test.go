@@ -26,6 +26,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -52,6 +53,11 @@ type wlRequest struct {
 	// fill: every pair at once, without keeping what was written for a later "recv"
 	// (benchmarks' floods); rep.Bytes is the sum.
 	Flood bool `json:"flood,omitempty"`
+	// listen: a blocking listener whose accept(2) gives blocking sockets (a classic
+	// blocking server); pairs: clients that connect in blocking mode.
+	Blocking bool `json:"blocking,omitempty"`
+	// sigread: run for this long instead of N requests.
+	Seconds float64 `json:"seconds,omitempty"`
 }
 
 type wlSock struct {
@@ -73,6 +79,7 @@ type wlReply struct {
 	Bytes    int64    `json:"bytes,omitempty"`
 	Problems []string `json:"problems,omitempty"`
 	Seen     []string `json:"seen,omitempty"`
+	N        int      `json:"n,omitempty"`
 }
 
 // workloadMain serves requests until stdin closes.
@@ -140,7 +147,13 @@ func (w *wlState) acceptChan(port uint16) chan net.Conn {
 func (w *wlState) do(req wlRequest, rep *wlReply) error {
 	switch req.Op {
 	case "listen":
-		l, err := net.Listen("tcp", req.Addr)
+		var l net.Listener
+		var err error
+		if req.Blocking {
+			l, err = listenBlocking(req.Addr)
+		} else {
+			l, err = net.Listen("tcp", req.Addr)
+		}
 		if err != nil {
 			return err
 		}
@@ -159,7 +172,7 @@ func (w *wlState) do(req wlRequest, rep *wlReply) error {
 		return nil
 	case "pairs":
 		for range req.N {
-			p, err := w.dial(req.Addr, req.From)
+			p, err := w.dial(req.Addr, req.From, req.Blocking)
 			if err != nil {
 				return err
 			}
@@ -252,12 +265,18 @@ func (w *wlState) do(req wlRequest, rep *wlReply) error {
 	return fmt.Errorf("unknown op %q", req.Op)
 }
 
-func (w *wlState) dial(addr, from string) (*wlConnPair, error) {
-	d := net.Dialer{Timeout: 5 * time.Second}
-	if from != "" {
-		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+func (w *wlState) dial(addr, from string, blocking bool) (*wlConnPair, error) {
+	var c net.Conn
+	var err error
+	if blocking {
+		c, err = dialBlocking(addr, from)
+	} else {
+		d := net.Dialer{Timeout: 5 * time.Second}
+		if from != "" {
+			d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+		}
+		c, err = d.Dial("tcp", addr)
 	}
-	c, err := d.Dial("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
@@ -273,6 +292,99 @@ func (w *wlState) dial(addr, from string) (*wlConnPair, error) {
 		c.Close()
 		return nil, fmt.Errorf("no accept for client port %d", port)
 	}
+}
+
+// blockingListener is an IPv4 listening socket in blocking mode, accepting with accept(2)
+// and no flags, so that accepted sockets block too, as in a classic threaded server. Accept
+// hands each socket to Go's poller (net.FileConn makes it non-blocking afterwards; the
+// sockops program decides when the connection is established).
+type blockingListener struct {
+	fd     int
+	addr   *net.TCPAddr
+	closed atomic.Bool
+}
+
+func listenBlocking(addr string) (*blockingListener, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().Is4() {
+		return nil, fmt.Errorf("blocking listener: want an IPv4 address:port, got %q", addr)
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	if err := unix.Listen(fd, 128); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	a := sa.(*unix.SockaddrInet4)
+	return &blockingListener{fd: fd, addr: &net.TCPAddr{IP: net.IP(a.Addr[:]), Port: a.Port}}, nil
+}
+
+func (l *blockingListener) Accept() (net.Conn, error) {
+	nfd, _, err := unix.Accept(l.fd)
+	if err != nil {
+		if l.closed.Load() {
+			return nil, net.ErrClosed
+		}
+		return nil, err
+	}
+	return fileConn(nfd)
+}
+
+// Close wakes a blocked accept(2) (shutdown makes it fail) before closing.
+func (l *blockingListener) Close() error {
+	if l.closed.Swap(true) {
+		return nil
+	}
+	_ = unix.Shutdown(l.fd, unix.SHUT_RDWR)
+	return unix.Close(l.fd)
+}
+
+func (l *blockingListener) Addr() net.Addr { return l.addr }
+
+// dialBlocking connects from a socket in blocking mode (IPv4), as a blocking client does.
+func dialBlocking(addr, from string) (net.Conn, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().Is4() {
+		return nil, fmt.Errorf("blocking dial: want an IPv4 address:port, got %q", addr)
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	if from != "" {
+		ip, err := netip.ParseAddr(from)
+		if err != nil || !ip.Is4() {
+			unix.Close(fd)
+			return nil, fmt.Errorf("blocking dial: bad local address %q", from)
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: ip.As4()}); err != nil {
+			unix.Close(fd)
+			return nil, err
+		}
+	}
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return fileConn(fd)
+}
+
+// fileConn hands a socket to Go's poller, taking over fd.
+func fileConn(fd int) (net.Conn, error) {
+	f := os.NewFile(uintptr(fd), "tcp")
+	defer f.Close()
+	return net.FileConn(f)
 }
 
 func sockInfo(c *net.TCPConn) wlSock {
@@ -441,14 +553,19 @@ func (w *wlState) fill(req wlRequest, rep *wlReply) error {
 	return p.client.SetWriteDeadline(time.Time{})
 }
 
-// sigRead: the last pair's server reads with blocking read(2) calls on its own thread,
-// which gets SIGUSR1 (an SA_RESTART handler, as every Go handler) about every millisecond;
-// the client sends req.N requests of 64 bytes, each answered by the server with the same
-// bytes, so the small-write rule never trips. rep.Seen counts what read returned besides
-// data: "EAGAIN" and "EINTR" per occurrence; wrong bytes are problems.
+// sigRead: the last pair's server (client if req.Reverse) reads with blocking read(2) calls
+// on its own thread, which gets SIGUSR1 (an SA_RESTART handler, as every Go handler) about
+// every millisecond; the other end sends req.N requests (or as many as fit in req.Seconds)
+// of 64 bytes, each answered with the same bytes, so the small-write rule never trips.
+// rep.Seen counts what read returned besides data: "EAGAIN@i" and "EINTR@i" per occurrence;
+// wrong bytes are problems; rep.N is the number of requests.
 func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
 	p := w.pairs[len(w.pairs)-1]
-	rc, err := p.server.SyscallConn()
+	rdConn, wrConn := p.server, p.client
+	if req.Reverse {
+		rdConn, wrConn = p.client, p.server
+	}
+	rc, err := rdConn.SyscallConn()
 	if err != nil {
 		return err
 	}
@@ -463,10 +580,12 @@ func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
 	signal.Notify(make(chan os.Signal, 1), syscall.SIGUSR1)
 	defer signal.Reset(syscall.SIGUSR1)
 
+	timed := req.Seconds > 0
 	tid := make(chan int, 1)
 	type result struct {
 		seen     []string // "EAGAIN@i" / "EINTR@i": request i's read returned without data
 		problems []string
+		requests int
 	}
 	res := make(chan result, 1)
 	go func() { // the blocking reader
@@ -475,7 +594,7 @@ func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
 		tid <- unix.Gettid()
 		var r result
 		buf := make([]byte, 64)
-		for i := 0; i < req.N; i++ {
+		for i := 0; timed || i < req.N; i++ {
 			got := 0
 			for got < len(buf) {
 				n, err := unix.Read(fd, buf[got:])
@@ -483,6 +602,9 @@ func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
 				case err == unix.EAGAIN, err == unix.EINTR:
 					r.seen = append(r.seen, fmt.Sprintf("%s@%d", unix.ErrnoName(err.(unix.Errno)), i))
 					continue
+				case timed && err == nil && n == 0 && got == 0: // the sender is done
+					res <- r
+					return
 				case err != nil || n == 0:
 					r.problems = append(r.problems, fmt.Sprintf("request %d: read: %d %v", i, n, err))
 					res <- r
@@ -498,6 +620,7 @@ func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
 				res <- r
 				return
 			}
+			r.requests = i + 1
 		}
 		res <- r
 	}()
@@ -519,32 +642,39 @@ func (w *wlState) sigRead(req wlRequest, rep *wlReply) error {
 		}
 	}()
 	msg, back := make([]byte, 64), make([]byte, 64)
-	for i := 0; i < req.N; i++ {
+	deadline := time.Now().Add(time.Duration(req.Seconds * float64(time.Second)))
+	for i := 0; timed && time.Now().Before(deadline) || !timed && i < req.N; i++ {
 		for j := range msg {
 			msg[j] = byte(i)
 		}
-		if _, err := p.client.Write(msg); err != nil {
+		if _, err := wrConn.Write(msg); err != nil {
 			rep.Problems = append(rep.Problems, fmt.Sprintf("request %d: write: %v", i, err))
 			break
 		}
-		_ = p.client.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.ReadFull(p.client, back); err != nil {
+		_ = wrConn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(wrConn, back); err != nil {
 			rep.Problems = append(rep.Problems, fmt.Sprintf("request %d: read reply: %v", i, err))
 			break
 		}
 		time.Sleep(time.Millisecond) // the reader waits, blocked, between requests
 	}
-	_ = p.client.SetReadDeadline(time.Time{})
-	close(stop)
-	wg.Wait()
+	_ = wrConn.SetReadDeadline(time.Time{})
+	if timed {
+		_ = wrConn.CloseWrite()
+	}
 	var r result
 	select {
 	case r = <-res:
 	case <-time.After(10 * time.Second):
+		close(stop)
+		wg.Wait()
 		return errors.New("blocking reader stuck")
 	}
+	close(stop)
+	wg.Wait()
 	rep.Problems = append(rep.Problems, r.problems...)
-	rep.Bytes = int64(req.N) * 64
+	rep.N = r.requests
+	rep.Bytes = int64(r.requests) * 64
 	rep.Seen = r.seen
 	return nil
 }
@@ -618,7 +748,7 @@ func (w *wlState) rst() ([]string, []string) {
 func (w *wlState) churn(req wlRequest, rep *wlReply) error {
 	b := make([]byte, 1)
 	for i := range req.N {
-		p, err := w.dial(req.Addr, req.From)
+		p, err := w.dial(req.Addr, req.From, false)
 		if err != nil {
 			return fmt.Errorf("connection %d: %w", i, err)
 		}

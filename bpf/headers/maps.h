@@ -143,6 +143,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mt_orig_by_addr SEC(".maps");
 
+/* Listening sockets by namespace and port (struct sock * and cookie, as in mt_sk_addrs), so
+ * that sockops.c can tell whether a connection it sees established will be accepted by a
+ * blocking listener. LRU: a listener that closed is evicted in time, and its entry is trusted
+ * only while the cookie read at its address still matches. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MT_MAX_LISTENERS);
+	__type(key, struct mt_listener_key);
+	__type(value, struct mt_sk_addr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mt_listeners SEC(".maps");
+
 /* Written by the loader: a hash of every map's key and value layout. A pinned map set whose
  * hash differs was made by an agent with other layouts and is replaced, not reused. */
 struct {
@@ -167,6 +179,20 @@ static __always_inline struct mt_redirect_cfg *mt_redirect_cfg_get(void)
 	struct mt_redirect_cfg *cfg = bpf_map_lookup_elem(&mt_redirect, &zero);
 
 	return cfg && cfg->enabled ? cfg : 0;
+}
+
+/* mt_demote moves a pair to the TCP path for good. The flag is set with an atomic or, which
+ * orders it against MT_PAIR_REDIRECTED (set the same way before a redirect): either the
+ * redirect's or saw the demotion and did not redirect, or unhook.c sees MT_PAIR_REDIRECTED. */
+static __always_inline void mt_demote(struct mt_pair_state *ps)
+{
+	__u8 one = 1;
+
+	if (!(ps->flags & MT_PAIR_DEMOTED))
+		ps->demoted_ns = bpf_ktime_get_ns();
+	/* The first demotion wakes the agent's sweeper (unhook.go). */
+	if (!(__sync_fetch_and_or(&ps->flags, MT_PAIR_DEMOTED) & MT_PAIR_DEMOTED))
+		bpf_ringbuf_output(&mt_events, &one, sizeof(one), 0);
 }
 
 #endif /* MESHTURBO_MAPS_H */

@@ -17,6 +17,7 @@
 #define MT_MAX_ORIG_DST 65536
 #define MT_MAX_SIDECAR_CGROUPS 256
 #define MT_MAX_EXCLUDED 256
+#define MT_MAX_LISTENERS 4096
 
 /* Socket and address constants (no libc headers in BPF objects). */
 #define SOCK_STREAM 1
@@ -83,6 +84,8 @@ struct mt_counters {
 	__u64 queue_unknown;      /* pairs moved to TCP for good: the peer's queue could not be read */
 	__u64 sock_blocking_demoted; /* pairs moved to TCP: an end's file is in blocking mode */
 	__u64 queue_resumed;      /* backed-off sockets redirecting again: the peer read all */
+	__u64 sock_blocking_skipped; /* mesh sockets not inserted: their connect or listen socket blocks */
+	__u64 sock_unpaired;      /* mesh sockets not inserted: the connecting end is not in our sockhash */
 };
 
 /* Per-socket state (socket local storage). */
@@ -136,6 +139,14 @@ static __always_inline int mt_is_quiet(const struct mt_pair_state *ps, __u32 sid
 struct mt_sk_addr {
 	__u64 addr;
 	__u64 cookie;
+};
+
+/* A listening socket of the cgroup (sockops.c records it at listen(2), listeners.c those that
+ * existed before the agent): its network namespace and port. */
+struct mt_listener_key {
+	__u64 netns;
+	__u16 port;
+	__u16 pad[3];
 };
 
 /* iptables-free redirection (connect4.c, getsockopt.c). One entry, written by the loader. */

@@ -11,7 +11,7 @@ type collector struct {
 	n *node
 
 	enabled, sockets, inserted, insertFailed, skipped, demoted, msgs, bytes *prometheus.Desc
-	unhooked, unhookDeferred, connects, origDst, otherOwners, queue         *prometheus.Desc
+	unhooked, unhookDeferred, connects, origDst, otherOwners, queue, kept   *prometheus.Desc
 }
 
 func newCollector(n *node) *collector {
@@ -27,6 +27,7 @@ func newCollector(n *node) *collector {
 		skipped:        d("sockets_skipped_total", "Established sockets in the cgroup that are not mesh pairs."),
 		demoted:        d("sockets_demoted_total", "Sockets moved to the TCP path for good: they streamed small writes, missed their peer, have a blocking end, or their peer's queue could not be read."),
 		queue:          d("queue_events_total", "Bounded queueing, by event (backoff: a socket's peer held the queue limit unread, its sends took the TCP path; resumed: it redirects again, its peer read all; unknown: the peer's queue could not be read, the pair stays on TCP).", "event"),
+		kept:           d("sockets_kept_out_total", "Mesh sockets never put into the sockhash, by reason (blocking: the connecting socket or the accepting listener is in blocking mode, where a signal would turn a read into EAGAIN; unpaired: the connecting end is not in the sockhash).", "reason"),
 		msgs:           d("messages_total", "Sends seen by the sk_msg program, by path (redirected; fallthrough: peer not in the sockhash; tcp_only: socket kept on TCP after a miss or for streaming small writes).", "path"),
 		bytes:          d("bytes_total", "Bytes of those sends, by path.", "path"),
 		otherOwners:    d("other_owners", "Other sockmap owners found on the cgroup at start (the agent runs beside them only with -coexist-with-other-owners); alert when > 0."),
@@ -39,7 +40,7 @@ func newCollector(n *node) *collector {
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.enabled, c.sockets, c.inserted, c.insertFailed, c.skipped, c.demoted, c.msgs, c.bytes,
-		c.unhooked, c.unhookDeferred, c.connects, c.origDst, c.otherOwners, c.queue} {
+		c.unhooked, c.unhookDeferred, c.connects, c.origDst, c.otherOwners, c.queue, c.kept} {
 		ch <- d
 	}
 }
@@ -74,6 +75,8 @@ func collectStats(s bpf.Stats, counter func(*prometheus.Desc, uint64, ...string)
 	counter(c.insertFailed, s.InsertFailed-s.InsertBusy-s.InsertFull, "other")
 	counter(c.skipped, s.SocketsSkipped)
 	counter(c.demoted, s.SocketsDemoted)
+	counter(c.kept, s.BlockingSkipped, "blocking")
+	counter(c.kept, s.Unpaired, "unpaired")
 	counter(c.msgs, s.MsgRedirected, "redirected")
 	counter(c.msgs, s.MsgFallthrough, "fallthrough")
 	counter(c.msgs, s.MsgTCPOnly, "tcp_only")
