@@ -23,6 +23,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -184,6 +185,7 @@ type Agent struct {
 	sockops    sockopsObjects
 	redir      redirObjects
 	unhook     unhookObjects
+	listeners  listenersObjects
 	connect4   connect4Objects
 	getsockopt getsockoptObjects
 	skMsg      link.Link
@@ -226,8 +228,21 @@ type State struct {
 	// Unhook says whether sockets of demoted pairs are taken out of the sockhash (and why
 	// not, when they are not).
 	Unhook UnhookState `json:"unhook"`
+	// Listeners says whether listening sockets opened before the agent were recorded at
+	// start (their mode decides whether the connections they accept are inserted).
+	Listeners ListenersState `json:"listeners"`
 	// Redirect is the state of the iptables-free redirection mode.
 	Redirect RedirectState `json:"redirect"`
+}
+
+// ListenersState is the state of recording listeners at start (listeners.c).
+type ListenersState struct {
+	On bool `json:"on"`
+	// Seeded is how many listeners the start found that no agent had recorded.
+	Seeded int `json:"seeded"`
+	// Off says why it did not run: listeners opened before the agent are then checked at
+	// their connections' first send only.
+	Off string `json:"off,omitempty"`
 }
 
 // UnhookState is the state of unhooking demoted sockets (unhook.c).
@@ -319,8 +334,36 @@ func New(cfg Config, opts ...Option) (_ *Agent, err error) {
 	if err := a.setupRedirect(); err != nil {
 		return nil, err
 	}
+	a.seedListeners()
 	a.startSweeper()
 	return a, nil
+}
+
+// seedListeners records the listening sockets of the agent's network namespace that were
+// opened before any agent ran (listeners.c); sockops.c records those opened since. Without
+// it connections they accept are checked against their mode at their first send only.
+func (a *Agent) seedListeners() {
+	if a.listeners.MtSeedListeners == nil {
+		return
+	}
+	it, err := link.AttachIter(link.IterOptions{Program: a.listeners.MtSeedListeners})
+	if err != nil {
+		a.state.Listeners.Off = fmt.Sprintf("attach the listener iterator: %v", err)
+		return
+	}
+	defer it.Close()
+	rd, err := it.Open()
+	if err != nil {
+		a.state.Listeners.Off = fmt.Sprintf("run the listener iterator: %v", err)
+		return
+	}
+	defer rd.Close()
+	n, err := io.Copy(io.Discard, rd)
+	if err != nil {
+		a.state.Listeners.Off = fmt.Sprintf("run the listener iterator: %v", err)
+		return
+	}
+	a.state.Listeners.On, a.state.Listeners.Seeded = true, int(n)
 }
 
 func ensureBPFFS(dir string) error {
@@ -352,6 +395,10 @@ func (a *Agent) load() error {
 	if err != nil {
 		return fmt.Errorf("bpf: %w", err)
 	}
+	listenersSpec, err := loadListeners()
+	if err != nil {
+		return fmt.Errorf("bpf: %w", err)
+	}
 	connect4Spec, err := loadConnect4()
 	if err != nil {
 		return fmt.Errorf("bpf: %w", err)
@@ -360,7 +407,7 @@ func (a *Agent) load() error {
 	if err != nil {
 		return fmt.Errorf("bpf: %w", err)
 	}
-	for _, spec := range []*ebpf.CollectionSpec{sockopsSpec, redirSpec, unhookSpec, connect4Spec, getsockoptSpec} {
+	for _, spec := range []*ebpf.CollectionSpec{sockopsSpec, redirSpec, unhookSpec, listenersSpec, connect4Spec, getsockoptSpec} {
 		spec.Maps[sockopsMapMtSockhash].MaxEntries = a.cfg.MaxConns
 		spec.Maps[sockopsMapMtPairs].MaxEntries = max(a.cfg.MaxConns/2, 1)
 		spec.Maps[sockopsMapMtSkAddrs].MaxEntries = a.cfg.MaxConns
@@ -368,12 +415,15 @@ func (a *Agent) load() error {
 	if err := unhookSpec.Variables[unhookVarMtUnhookGraceNs].Set(uint64(a.cfg.UnhookGrace.Nanoseconds())); err != nil {
 		return fmt.Errorf("bpf: set %s: %w", unhookVarMtUnhookGraceNs, err)
 	}
-	smallMsg, queueLimit := a.cfg.SmallMsg, a.cfg.QueueLimit
+	smallMsg, queueLimit, keepBlockingOut := a.cfg.SmallMsg, a.cfg.QueueLimit, uint32(1)
 	if a.cfg.NaiveRedirect {
-		smallMsg, queueLimit = 0, 0
+		smallMsg, queueLimit, keepBlockingOut = 0, 0, 0
 	}
 	if err := redirSpec.Variables[redirVarMtQueueLimit].Set(queueLimit); err != nil {
 		return fmt.Errorf("bpf: set %s: %w", redirVarMtQueueLimit, err)
+	}
+	if err := sockopsSpec.Variables[sockopsVarMtKeepBlockingOut].Set(keepBlockingOut); err != nil {
+		return fmt.Errorf("bpf: set %s: %w", sockopsVarMtKeepBlockingOut, err)
 	}
 	if err := redirSpec.Variables[redirVarMtSmallMsg].Set(smallMsg); err != nil {
 		return fmt.Errorf("bpf: set %s: %w", redirVarMtSmallMsg, err)
@@ -407,6 +457,9 @@ func (a *Agent) load() error {
 		if err := unhookSpec.LoadAndAssign(&a.unhook, shared); err != nil {
 			a.state.Unhook.Off = fmt.Sprintf("load the sockhash iterator: %v", err)
 		}
+	}
+	if err := listenersSpec.LoadAndAssign(&a.listeners, shared); err != nil {
+		a.state.Listeners.Off = fmt.Sprintf("load the listener iterator: %v", err)
 	}
 	if a.cfg.Redirect.Enabled {
 		if err := a.probeRedirect(); err != nil {
@@ -679,7 +732,7 @@ func (a *Agent) closeHandles() error {
 			errs = append(errs, l.Close())
 		}
 	}
-	errs = append(errs, a.connect4.Close(), a.getsockopt.Close(), a.unhook.Close(), a.redir.Close(), a.sockops.Close())
+	errs = append(errs, a.connect4.Close(), a.getsockopt.Close(), a.unhook.Close(), a.listeners.Close(), a.redir.Close(), a.sockops.Close())
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("bpf: close: %w", err)
 	}

@@ -26,17 +26,22 @@ func TestBlockingReadsUnderSignals(t *testing.T) {
 	cg := testCgroup(t)
 	w := startWorkload(t, cg)
 	cfg := testConfig(t, cg)
-	a0 := newAgent(t, cfg) // listeners are recorded at listen(2) while an agent runs
 	listen := func(blocking bool) string {
 		return w.call(wlRequest{Op: "listen", Addr: "127.0.0.1:0", Blocking: blocking}).Addr
 	}
-	plain, blockingServer, server, late := listen(false), listen(true), listen(false), listen(false)
 	port := func(addr string) uint16 { return netip.MustParseAddrPort(addr).Port() }
-	cfg.SidecarPorts = []uint16{port(blockingServer), port(server), port(late)}
-	if err := a0.Close(); err != nil {
+	// One blocking server listens before the agent starts (found by its listener iterator),
+	// one after (recorded by sockops at listen(2)).
+	plain, blockingBefore, server, late := listen(false), listen(true), listen(false), listen(false)
+	cfg.SidecarPorts = []uint16{port(blockingBefore), port(server), port(late)}
+	a := newAgent(t, cfg)
+	if st := a.State().Listeners; !st.On || st.Seeded < 4 {
+		t.Fatalf("listeners at start: %+v, want the workload's 4 (at least) recorded", st)
+	}
+	blockingAfter := listen(true)
+	if err := a.SetMesh(nil, append(cfg.SidecarPorts, port(blockingAfter))); err != nil {
 		t.Fatal(err)
 	}
-	a := newAgent(t, cfg) // the restarted agent finds the listeners' records in its pins
 	const seconds = 10
 	cases := []struct {
 		name                string
@@ -45,12 +50,13 @@ func TestBlockingReadsUnderSignals(t *testing.T) {
 		reverse             bool // the client reads
 		seconds             float64
 		requests            int
-		accelerated, kept   bool
+		accelerated         bool
 		wantBlockingSkipped bool
 	}{
 		{name: "plain TCP", addr: plain, seconds: seconds},
-		{name: "blocking server", addr: blockingServer, seconds: seconds, kept: true, wantBlockingSkipped: true},
-		{name: "blocking client", addr: server, blockingClient: true, reverse: true, seconds: seconds, kept: true, wantBlockingSkipped: true},
+		{name: "blocking server (listening before the agent)", addr: blockingBefore, seconds: seconds, wantBlockingSkipped: true},
+		{name: "blocking server (listening after)", addr: blockingAfter, requests: 2000, wantBlockingSkipped: true},
+		{name: "blocking client", addr: server, blockingClient: true, reverse: true, seconds: seconds, wantBlockingSkipped: true},
 		{name: "made blocking after accept", addr: late, requests: 2000, accelerated: true},
 	}
 	for _, tc := range cases {

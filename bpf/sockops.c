@@ -17,6 +17,9 @@
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
+/* Set by the loader: 0 (naive redirect, for comparison) inserts blocking sockets too. */
+volatile const __u32 mt_keep_blocking_out = 1;
+
 static __always_inline int mt_key_from_sockops(struct bpf_sock_ops *skops, struct mt_sock_key *key)
 {
 	__u32 family = skops->family;
@@ -148,7 +151,7 @@ static __always_inline int mt_blocking_skip(struct bpf_sock_ops *skops, const st
 	struct mt_pair_state fresh = {}, *ps;
 
 	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
-		if (mt_sk_blocking((struct sock *)own) != 1)
+		if (!mt_keep_blocking_out || mt_sk_blocking((struct sock *)own) != 1)
 			return 0;
 		mt_count(c, sock_blocking_skipped, 1);
 		return 1;
@@ -158,7 +161,7 @@ static __always_inline int mt_blocking_skip(struct bpf_sock_ops *skops, const st
 		mt_count(c, sock_unpaired, 1);
 		return 1;
 	}
-	if (!mt_listener_blocks(skops))
+	if (!mt_keep_blocking_out || !mt_listener_blocks(skops))
 		return 0;
 	/* The connecting end is in already: demote the pair, so that the sweeper takes it out
 	 * at once (nothing was redirected on it). */

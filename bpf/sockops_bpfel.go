@@ -118,23 +118,24 @@ type sockopsMtSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockopsMapMtEvents         = "mt_events"
-	sockopsMapMtExcludedCidrs  = "mt_excluded_cidrs"
-	sockopsMapMtExcludedPorts  = "mt_excluded_ports"
-	sockopsMapMtListeners      = "mt_listeners"
-	sockopsMapMtMeshIps        = "mt_mesh_ips"
-	sockopsMapMtMeshPorts      = "mt_mesh_ports"
-	sockopsMapMtMeta           = "mt_meta"
-	sockopsMapMtOrigByAddr     = "mt_orig_by_addr"
-	sockopsMapMtOrigByCookie   = "mt_orig_by_cookie"
-	sockopsMapMtPairs          = "mt_pairs"
-	sockopsMapMtRedirect       = "mt_redirect"
-	sockopsMapMtSidecarCgroups = "mt_sidecar_cgroups"
-	sockopsMapMtSkAddrs        = "mt_sk_addrs"
-	sockopsMapMtSkStorage      = "mt_sk_storage"
-	sockopsMapMtSockhash       = "mt_sockhash"
-	sockopsMapMtStats          = "mt_stats"
-	sockopsProgMtSockops       = "mt_sockops"
+	sockopsMapMtEvents          = "mt_events"
+	sockopsMapMtExcludedCidrs   = "mt_excluded_cidrs"
+	sockopsMapMtExcludedPorts   = "mt_excluded_ports"
+	sockopsMapMtListeners       = "mt_listeners"
+	sockopsMapMtMeshIps         = "mt_mesh_ips"
+	sockopsMapMtMeshPorts       = "mt_mesh_ports"
+	sockopsMapMtMeta            = "mt_meta"
+	sockopsMapMtOrigByAddr      = "mt_orig_by_addr"
+	sockopsMapMtOrigByCookie    = "mt_orig_by_cookie"
+	sockopsMapMtPairs           = "mt_pairs"
+	sockopsMapMtRedirect        = "mt_redirect"
+	sockopsMapMtSidecarCgroups  = "mt_sidecar_cgroups"
+	sockopsMapMtSkAddrs         = "mt_sk_addrs"
+	sockopsMapMtSkStorage       = "mt_sk_storage"
+	sockopsMapMtSockhash        = "mt_sockhash"
+	sockopsMapMtStats           = "mt_stats"
+	sockopsProgMtSockops        = "mt_sockops"
+	sockopsVarMtKeepBlockingOut = "mt_keep_blocking_out"
 )
 
 // loadSockops returns the embedded CollectionSpec for sockops.
@@ -208,6 +209,7 @@ type sockopsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsVariableSpecs struct {
+	MtKeepBlockingOut *ebpf.VariableSpec `ebpf:"mt_keep_blocking_out"`
 }
 
 // sockopsObjects contains all objects after they have been loaded into the kernel.
@@ -273,6 +275,7 @@ func (m *sockopsMaps) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsVariables struct {
+	MtKeepBlockingOut *ebpf.Variable `ebpf:"mt_keep_blocking_out"`
 }
 
 // sockopsPrograms contains all programs after they have been loaded into the kernel.

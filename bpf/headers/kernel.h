@@ -23,8 +23,24 @@ typedef struct {
 	__s64 counter;
 } atomic64_t;
 
+struct net {
+	__u64 net_cookie;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	struct net *net;
+} possible_net_t;
+
 struct sock_common {
 	atomic64_t skc_cookie;
+	unsigned char skc_state;
+	__u16 skc_num;
+	possible_net_t skc_net;
+} __attribute__((preserve_access_index));
+
+struct bpf_iter__tcp {
+	struct bpf_iter_meta *meta;
+	struct sock_common *sk_common;
 } __attribute__((preserve_access_index));
 
 struct file {
