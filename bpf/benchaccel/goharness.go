@@ -307,14 +307,19 @@ func goStreamRate(addr string, size int, d time.Duration) (float64, error) {
 	return float64(n) / time.Since(start).Seconds(), nil
 }
 
-// goRun runs one client of the Go harness and returns the numbers it printed by name.
+// goRun runs one client of the Go harness for -duration and returns the numbers it printed
+// by name.
 func (b *bench) goRun(ctx context.Context, op string, size int) (map[string]float64, error) {
+	return b.goRunFor(ctx, op, size, b.o.duration)
+}
+
+func (b *bench) goRunFor(ctx context.Context, op string, size int, d time.Duration) (map[string]float64, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
 	out, err := b.output(ctx, self, "-go-client", b.goAddr, "-go-victim", b.goVictimAddr, "-go-op", op, "-go-size", strconv.Itoa(size),
-		"-duration", b.o.duration.String())
+		"-duration", d.String())
 	if err != nil {
 		return nil, err
 	}

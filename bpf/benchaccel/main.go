@@ -31,13 +31,14 @@ import (
 )
 
 type opts struct {
-	reps      int
-	duration  time.Duration
-	cgroup2   string
-	jsonOut   string
-	only      string
-	modes     string
-	keepAwake bool
+	reps                int
+	duration            time.Duration
+	smallStreamDuration time.Duration
+	cgroup2             string
+	jsonOut             string
+	only                string
+	modes               string
+	keepAwake           bool
 	// envoyConns is fortio's connection count in the Envoy runs.
 	envoyConns int
 }
@@ -46,6 +47,8 @@ func main() {
 	var o opts
 	flag.IntVar(&o.reps, "reps", 3, "repetitions of every case in each mode (interleaved)")
 	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of one tool run")
+	flag.DurationVar(&o.smallStreamDuration, "small-stream-duration", 10*time.Second,
+		"length of one run of the Go harness's small-write streams (their rate swings most on a small VM: longer runs average the swings)")
 	flag.StringVar(&o.cgroup2, "cgroup2", "/sys/fs/cgroup/unified", "cgroup v2 mount to make the bench cgroup in")
 	flag.StringVar(&o.jsonOut, "json", "", "also write all samples as JSON to this file")
 	flag.StringVar(&o.only, "only", "", "comma-separated runs to do (default all): "+strings.Join(runNames(), ",")+",envoy")
@@ -120,7 +123,11 @@ func runs() []benchRun {
 	}
 	goStream := func(name string, size int, unit string, per int) benchRun {
 		return benchRun{name, []metric{{name, unit, false, true}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
-			r, err := b.goRun(ctx, "stream", size)
+			d := b.o.duration
+			if per > 0 {
+				d = b.o.smallStreamDuration
+			}
+			r, err := b.goRunFor(ctx, "stream", size, d)
 			if per == 0 {
 				return map[string]float64{name: r["rate"] * 8 / 1e9}, err
 			}
@@ -380,7 +387,7 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 		}
 	}
 	tw.Flush()
-	fmt.Printf("(medians of %d interleaved reps of %s; ours = the agent's default; for latency lower is better)\n", o.reps, o.duration)
+	fmt.Printf("(medians of %d interleaved reps of %s, %s for go_stream_64B/1KiB; ours = the agent's default; for latency lower is better)\n", o.reps, o.duration, o.smallStreamDuration)
 	// Small streams: the lowest of the small-write cases run (sockperf's and the Go
 	// harness's). The victim ratio is the accelerated mode's own (victim during the flood ÷
 	// before it), not a ratio against plain.
@@ -466,7 +473,7 @@ func (b *bench) command(ctx context.Context, name string, arg ...string) *exec.C
 }
 
 func (b *bench) output(ctx context.Context, name string, arg ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, b.o.duration+30*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, max(b.o.duration, b.o.smallStreamDuration)+30*time.Second)
 	defer cancel()
 	out, err := b.command(ctx, name, arg...).CombinedOutput()
 	if err != nil {
