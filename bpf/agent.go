@@ -238,7 +238,7 @@ type State struct {
 // ListenersState is the state of recording listeners at start (listeners.c).
 type ListenersState struct {
 	On bool `json:"on"`
-	// Seeded is how many listeners the start found that no agent had recorded.
+	// Seeded is how many listeners the start found and recorded.
 	Seeded int `json:"seeded"`
 	// Off says why it did not run: listeners opened before the agent are then checked at
 	// their connections' first send only.

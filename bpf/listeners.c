@@ -37,10 +37,11 @@ int mt_seed_listeners(struct bpf_iter__tcp *ctx)
 	    bpf_core_read(&key.netns, sizeof(key.netns), &net->net_cookie))
 		return 0;
 	key.port = port;
-	/* A listener recorded by sockops.c since is as good; never overwrite it. */
+	/* This listener exists now; a record for its port is either this listener's already or
+	 * a closed one's (written while no agent ran). */
 	addr.addr = (__u64)skc;
 	addr.cookie = bpf_get_socket_cookie(skc);
-	if (bpf_map_update_elem(&mt_listeners, &key, &addr, BPF_NOEXIST) == 0)
+	if (bpf_map_update_elem(&mt_listeners, &key, &addr, BPF_ANY) == 0)
 		bpf_seq_write(ctx->meta->seq, &one, sizeof(one));
 	return 0;
 }
