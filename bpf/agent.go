@@ -43,7 +43,12 @@ const (
 	DefaultBPFFS    = "/sys/fs/bpf"
 	DefaultPinPath  = "/sys/fs/bpf/meshturbo"
 	DefaultMaxConns = 65536
-	DefaultSmallMsg = 16384
+	// DefaultSmallMsg is 0: the small-write rule is off unless configured. It was made for
+	// readers that block in read(2), which a redirect wakes once per message; those are
+	// never redirected now (see "Blocking reads" in README.md). An event-loop reader drains
+	// many redirected messages per wake-up, and for it a redirect beats TCP at every write
+	// size measured (README.md, "Small writes").
+	DefaultSmallMsg = 0
 	DefaultSmallRun = 16
 	// DefaultQueueLimit is Config.QueueLimit's default: half of what plain TCP lets a
 	// sender queue towards a reader that does not read (send and receive buffers, measured
@@ -81,8 +86,9 @@ type Config struct {
 	MaxConns uint32
 	// A socket that sends SmallRun messages smaller than SmallMsg bytes in a row, with no
 	// send of its peer in between, moves to the TCP path for good: TCP coalesces a stream
-	// of small writes, a redirect sends and wakes each alone and is slower there.
-	// Request/response traffic never trips it. Defaults DefaultSmallMsg, DefaultSmallRun.
+	// of small writes, a redirect sends and wakes each alone, which is slower for a reader
+	// that wakes per message. Request/response traffic never trips it. SmallMsg 0 (the
+	// default, DefaultSmallMsg) turns the rule off; SmallRun defaults to DefaultSmallRun.
 	SmallMsg, SmallRun uint32
 	// QueueLimit bounds the redirected bytes a socket may hold unread (DefaultQueueLimit if
 	// 0). A redirect skips TCP's flow control: without a bound, a sender to a reader that
@@ -122,9 +128,6 @@ func (c *Config) validate() error {
 	}
 	if c.MaxConns == 0 {
 		c.MaxConns = DefaultMaxConns
-	}
-	if c.SmallMsg == 0 {
-		c.SmallMsg = DefaultSmallMsg
 	}
 	if c.SmallRun == 0 {
 		c.SmallRun = DefaultSmallRun

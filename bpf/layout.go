@@ -16,8 +16,11 @@ import (
 // sizes only; this catches a struct whose fields moved at the same size. Never 0.
 func layoutHash(spec *ebpf.CollectionSpec) uint64 {
 	names := make([]string, 0, len(spec.Maps))
-	for name := range spec.Maps {
-		names = append(names, name)
+	for name, ms := range spec.Maps {
+		// Only the pinned maps outlive the agent; .rodata and the like are made anew.
+		if ms.Pinning == ebpf.PinByName {
+			names = append(names, name)
+		}
 	}
 	slices.Sort(names)
 	h := fnv.New64a()

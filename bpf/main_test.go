@@ -95,6 +95,10 @@ func testCgroup(t testing.TB) string {
 }
 
 // testConfig returns a Config for cgroup with a fresh pin path, uninstalled after the test.
+// smallWrite is the small-write threshold the tests that need the rule turn it on with (it is
+// off by default): the threshold it had as the default before blocking readers were kept out.
+const smallWrite = 16384
+
 func testConfig(t testing.TB, cgroup string) Config {
 	t.Helper()
 	pin := filepath.Join(DefaultBPFFS, "meshturbo-test-"+randomSuffix())

@@ -5,9 +5,11 @@
  * ingress queue. Whatever can't be redirected goes the normal TCP path: this program always
  * returns SK_PASS, since returning the helper's SK_DROP would drop the data.
  *
- * Redirecting wins for request/response and for large writes, but loses for a stream of
- * small writes: each send then travels and wakes the reader alone, where TCP would have
- * coalesced them. So a socket that sends mt_small_run small (< mt_small_msg bytes) messages
+ * Redirecting wins for request/response and for large writes; for a stream of small writes
+ * it wins with a reader that drains many messages per wake-up (an event loop), and loses with
+ * one that wakes per message (a blocking read(2); such sockets are never redirected, see
+ * "Faithful reads" below). When the loader turns the small-write rule on (mt_small_msg > 0;
+ * off by default), a socket that sends mt_small_run small (< mt_small_msg bytes) messages
  * in a row, with no send of its peer in between (which a request/response exchange has),
  * moves its connection to the TCP path for good (MT_SK_TCP_ONLY, MT_PAIR_DEMOTED). The run
  * is kept per connection in mt_pairs, since an sk_msg program can't reach its peer socket's
@@ -24,8 +26,8 @@
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-/* Set by the loader. mt_small_msg 0 turns the small-write rule off (naive redirect). */
-volatile const __u32 mt_small_msg = 16384;
+/* Set by the loader. mt_small_msg 0 turns the small-write rule off (the default). */
+volatile const __u32 mt_small_msg = 0;
 volatile const __u32 mt_small_run = 16;
 /* Set by the loader: the most redirected bytes a peer may hold unread (0: no limit). */
 volatile const __u32 mt_queue_limit = 4 << 20;

@@ -44,7 +44,9 @@ func TestUnhookKeepsUnreadBytes(t *testing.T) {
 	requirePrivileges(t)
 	cg := testCgroup(t)
 	w := startWorkload(t, cg)
-	a := newAgent(t, testConfig(t, cg))
+	cfg := testConfig(t, cg)
+	cfg.SmallMsg = smallWrite // the small-write rule (off by default) demotes the pair below
+	a := newAgent(t, cfg)
 	if st := a.State().Unhook; !st.On {
 		t.Fatalf("unhook is off: %s", st.Off)
 	}
@@ -118,6 +120,7 @@ func TestKeepDemoted(t *testing.T) {
 	cg := testCgroup(t)
 	w := startWorkload(t, cg)
 	cfg := testConfig(t, cg)
+	cfg.SmallMsg = smallWrite // the small-write rule (off by default) demotes the pair below
 	cfg.KeepDemoted = true
 	a := newAgent(t, cfg)
 	if st := a.State().Unhook; st.On || st.Off == "" {
@@ -153,6 +156,7 @@ func TestUnhookWaitsForQuietEnds(t *testing.T) {
 	cg := testCgroup(t)
 	w := startWorkload(t, cg)
 	cfg := testConfig(t, cg)
+	cfg.SmallMsg = smallWrite // the small-write rule (off by default) demotes the pair below
 	cfg.UnhookGrace = 300 * time.Millisecond // the reader is blocked well before it ends
 	a := newAgent(t, cfg)
 	addr := w.call(wlRequest{Op: "listen", Addr: "127.0.0.1:0"}).Addr
