@@ -168,7 +168,7 @@ func (e *envoyBench) runMode(ctx context.Context, mode, pin string) (res envoyRe
 	}
 	var agent *bpf.Agent
 	if mode != "iptables" {
-		cfg := bpf.Config{CgroupPath: e.b.cgroup, PinPath: pin}
+		cfg := bpf.Config{CgroupPath: e.b.cgroup, PinPath: pin, SmallMsg: uint32(e.b.o.smallMsg)}
 		if strings.HasSuffix(mode, "+accel") {
 			cfg.SidecarPorts = []uint16{outbound, e.server.Port()}
 		}

@@ -34,6 +34,7 @@ type opts struct {
 	reps                int
 	duration            time.Duration
 	smallStreamDuration time.Duration
+	smallMsg            uint
 	cgroup2             string
 	jsonOut             string
 	only                string
@@ -53,6 +54,7 @@ func main() {
 	flag.StringVar(&o.jsonOut, "json", "", "also write all samples as JSON to this file")
 	flag.StringVar(&o.only, "only", "", "comma-separated runs to do (default all): "+strings.Join(runNames(), ",")+",envoy")
 	flag.IntVar(&o.envoyConns, "envoy-conns", 8, "fortio connections in the Envoy runs")
+	flag.UintVar(&o.smallMsg, "small-msg", uint(bpf.DefaultSmallMsg), "the agent's small-write threshold in the accelerated modes (0: the rule off, the agent's default)")
 	flag.BoolVar(&o.keepAwake, "keep-awake", true, "keep every CPU out of idle with SCHED_IDLE spinners during the ping-pong runs (see awake.go)")
 	flag.StringVar(&o.modes, "modes", strings.Join(defaultModes, ","), "comma-separated modes to compare ("+strings.Join(allModes, ",")+"); plain is the baseline")
 	serve := flag.String("go-serve", "", "internal: run the Go harness server on this address")
@@ -270,7 +272,7 @@ func run(ctx context.Context, o opts) (err error) {
 			return err
 		}
 	}
-	cfg := bpf.Config{CgroupPath: b.cgroup, PinPath: pin, SidecarPorts: []uint16{b.sockperfPort, b.iperfPort, goPort}}
+	cfg := bpf.Config{CgroupPath: b.cgroup, PinPath: pin, SidecarPorts: []uint16{b.sockperfPort, b.iperfPort, goPort}, SmallMsg: uint32(o.smallMsg)}
 
 	modes := splitList(o.modes)
 	for _, m := range modes {
