@@ -304,12 +304,18 @@ type blockingListener struct {
 	closed atomic.Bool
 }
 
-func listenBlocking(addr string) (*blockingListener, error) {
+// blockingSocket parses an IPv4 address:port and opens a TCP socket in blocking mode.
+func blockingSocket(addr string) (netip.AddrPort, int, error) {
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil || !ap.Addr().Is4() {
-		return nil, fmt.Errorf("blocking listener: want an IPv4 address:port, got %q", addr)
+		return ap, -1, fmt.Errorf("blocking socket: want an IPv4 address:port, got %q", addr)
 	}
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	return ap, fd, err
+}
+
+func listenBlocking(addr string) (*blockingListener, error) {
+	ap, fd, err := blockingSocket(addr)
 	if err != nil {
 		return nil, err
 	}
@@ -354,11 +360,7 @@ func (l *blockingListener) Addr() net.Addr { return l.addr }
 
 // dialBlocking connects from a socket in blocking mode (IPv4), as a blocking client does.
 func dialBlocking(addr, from string) (net.Conn, error) {
-	ap, err := netip.ParseAddrPort(addr)
-	if err != nil || !ap.Addr().Is4() {
-		return nil, fmt.Errorf("blocking dial: want an IPv4 address:port, got %q", addr)
-	}
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	ap, fd, err := blockingSocket(addr)
 	if err != nil {
 		return nil, err
 	}
