@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -24,11 +23,9 @@ import (
 // burst opens new connections as fast as workers goroutines can, one request each, until
 // stopped: the connections that are in a listener's accept queue when it closes.
 type burst struct {
-	ok, failed atomic.Int64
-	mu         sync.Mutex
-	errs       []string
-	stop       chan struct{}
-	wg         sync.WaitGroup
+	testenv.Tally
+	stop chan struct{}
+	wg   sync.WaitGroup
 }
 
 func startBurst(t testing.TB, addr string, workers int) *burst {
@@ -44,24 +41,7 @@ func startBurst(t testing.TB, addr string, workers int) *burst {
 					return
 				default:
 				}
-				resp, err := client.Post("http://"+addr+"/", "text/plain", nil)
-				if err == nil {
-					_, err = io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					if err == nil && resp.StatusCode != http.StatusOK {
-						err = fmt.Errorf("status %d", resp.StatusCode)
-					}
-				}
-				if err == nil {
-					b.ok.Add(1)
-					continue
-				}
-				b.failed.Add(1)
-				b.mu.Lock()
-				if len(b.errs) < 10 {
-					b.errs = append(b.errs, time.Now().Format("15:04:05.000 ")+err.Error())
-				}
-				b.mu.Unlock()
+				b.Record(testenv.PostOK(client, "http://"+addr+"/", nil))
 			}
 		}()
 	}
@@ -160,9 +140,10 @@ func TestReusePortHandoffAcrossVersions(t *testing.T) {
 	f.expectConfig(t, "hot")
 
 	b.finish()
-	t.Logf("burst of new connections: ok=%d failed=%d", b.ok.Load(), b.failed.Load())
-	if b.failed.Load() > 0 || b.ok.Load() == 0 {
-		t.Errorf("burst: %d ok, %d failed; first errors: %v", b.ok.Load(), b.failed.Load(), b.errs)
+	ok, failed := b.Counts()
+	t.Logf("burst of new connections: ok=%d failed=%d", ok, failed)
+	if failed > 0 || ok == 0 {
+		t.Errorf("burst: %d ok, %d failed; first errors: %v", ok, failed, b.Errors())
 	}
 	for _, l := range ls {
 		ok, failed, retried, errs := l.finish()

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/meshturbo/meshturbo/internal/testenv"
 )
 
 // backend is the upstream behind the test Envoy: a Go HTTP server answering "ok".
@@ -101,9 +103,8 @@ type load struct {
 	client *http.Client
 	url    string
 
-	ok, failed, retried atomic.Int64
-	mu                  sync.Mutex
-	errs                []string
+	testenv.Tally
+	retried atomic.Int64
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -160,16 +161,7 @@ func (l *load) one() {
 			err = fmt.Errorf("status %d, flags %q: %.100s", resp.StatusCode, resp.Header.Get("x-envoy-response-flags"), body)
 		}
 	}
-	if err == nil {
-		l.ok.Add(1)
-		return
-	}
-	l.failed.Add(1)
-	l.mu.Lock()
-	if len(l.errs) < 10 {
-		l.errs = append(l.errs, time.Now().Format("15:04:05.000")+" "+err.Error())
-	}
-	l.mu.Unlock()
+	l.Record(err)
 }
 
 // finish stops sending, waits for the answers and returns the counts.
@@ -181,9 +173,8 @@ func (l *load) finish() (ok, failed, retried int64, errs []string) {
 	}
 	l.wg.Wait()
 	l.client.CloseIdleConnections()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.ok.Load(), l.failed.Load(), l.retried.Load(), l.errs
+	ok, failed = l.Counts()
+	return ok, failed, l.retried.Load(), l.Errors()
 }
 
 // loads runs one load per mode against addr.

@@ -151,11 +151,9 @@ func bootstrapWithTCP(admin, listen, tcpListen int, echo, body string) string {
 // constLoad sends POSTs at a constant rate (open loop) over keep-alive and fresh
 // connections and counts those that did not get a 200.
 type constLoad struct {
-	ok, failed atomic.Int64
-	mu         sync.Mutex
-	errs       []string
-	stop       chan struct{}
-	wg         sync.WaitGroup
+	testenv.Tally
+	stop chan struct{}
+	wg   sync.WaitGroup
 }
 
 func startConstLoad(t *testing.T, url string, rps int) *constLoad {
@@ -177,24 +175,7 @@ func startConstLoad(t *testing.T, url string, rps int) *constLoad {
 				l.wg.Add(1)
 				go func() {
 					defer l.wg.Done()
-					resp, err := client.Post(url, "text/plain", strings.NewReader("x"))
-					if err == nil {
-						_, err = io.Copy(io.Discard, resp.Body)
-						resp.Body.Close()
-						if err == nil && resp.StatusCode != http.StatusOK {
-							err = fmt.Errorf("status %d", resp.StatusCode)
-						}
-					}
-					if err == nil {
-						l.ok.Add(1)
-						return
-					}
-					l.failed.Add(1)
-					l.mu.Lock()
-					if len(l.errs) < 10 {
-						l.errs = append(l.errs, time.Now().Format("15:04:05.000 ")+err.Error())
-					}
-					l.mu.Unlock()
+					l.Record(testenv.PostOK(client, url, strings.NewReader("x")))
 				}()
 			}
 		}()
@@ -215,9 +196,10 @@ func (l *constLoad) finish() {
 func (l *constLoad) check(t *testing.T) {
 	t.Helper()
 	l.finish()
-	t.Logf("load: %d ok, %d failed", l.ok.Load(), l.failed.Load())
-	if l.failed.Load() > 0 || l.ok.Load() == 0 {
-		t.Errorf("load: %d ok, %d failed; first errors:\n  %s", l.ok.Load(), l.failed.Load(), strings.Join(l.errs, "\n  "))
+	ok, failed := l.Counts()
+	t.Logf("load: %d ok, %d failed", ok, failed)
+	if failed > 0 || ok == 0 {
+		t.Errorf("load: %d ok, %d failed; first errors:\n  %s", ok, failed, strings.Join(l.Errors(), "\n  "))
 	}
 }
 
