@@ -7,10 +7,11 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+
+	"github.com/meshturbo/meshturbo/registry-bridge/internal/keeper"
 )
 
 // ReverseMetaKey marks instances meshturbo registered into Consul. The watcher never imports
@@ -71,11 +72,7 @@ func (c *RegistrarConfig) validate() error {
 type Registrar struct {
 	cfg    RegistrarConfig
 	client *api.Client
-	cancel context.CancelFunc
-	done   chan struct{}
-
-	mu         sync.Mutex
-	registered bool
+	loop   *keeper.Loop // keeps the services registered; stopped by Close
 }
 
 // NewRegistrar validates cfg and starts registering in the background.
@@ -87,9 +84,11 @@ func NewRegistrar(cfg RegistrarConfig) (*Registrar, error) {
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &Registrar{cfg: cfg, client: w.client, cancel: cancel, done: make(chan struct{})}
-	go r.run(ctx)
+	r := &Registrar{cfg: cfg, client: w.client}
+	// Every Retry: a Consul agent restarted in dev mode, or wiped, forgets the services.
+	r.loop = keeper.Start(cfg.Retry, r.ensure, func(err error) {
+		r.cfg.Logger.Warn("consul reverse registration failed; retrying", "address", r.cfg.Address, "error", err, "retry_in", r.cfg.Retry)
+	})
 	return r, nil
 }
 
@@ -121,24 +120,6 @@ func (r *Registrar) registration(s MeshService) *api.AgentServiceRegistration {
 	}
 }
 
-// run registers every service, then checks every Retry that they are still there (a Consul
-// agent restarted in dev mode, or wiped, forgets them) and registers again when not.
-func (r *Registrar) run(ctx context.Context) {
-	defer close(r.done)
-	t := time.NewTicker(r.cfg.Retry)
-	defer t.Stop()
-	for {
-		if err := r.ensure(ctx); err != nil && ctx.Err() == nil {
-			r.cfg.Logger.Warn("consul reverse registration failed; retrying", "address", r.cfg.Address, "error", err, "retry_in", r.cfg.Retry)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
-}
-
 func (r *Registrar) ensure(ctx context.Context) error {
 	have, err := r.client.Agent().ServicesWithFilterOpts("", (&api.QueryOptions{}).WithContext(ctx))
 	if err != nil {
@@ -153,23 +134,15 @@ func (r *Registrar) ensure(ctx context.Context) error {
 		}
 		r.cfg.Logger.Info("registered mesh service in consul", "service", s.Name, "id", serviceID(s))
 	}
-	r.mu.Lock()
-	r.registered = true
-	r.mu.Unlock()
 	return nil
 }
 
 // Registered reports whether every service has been registered at least once.
-func (r *Registrar) Registered() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.registered
-}
+func (r *Registrar) Registered() bool { return r.loop.Registered() }
 
 // Close stops and deregisters every service.
 func (r *Registrar) Close() error {
-	r.cancel()
-	<-r.done
+	r.loop.Stop()
 	var errs []error
 	for _, s := range r.cfg.Services {
 		if err := r.client.Agent().ServiceDeregister(serviceID(s)); err != nil {

@@ -13,8 +13,9 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
+
+	"github.com/meshturbo/meshturbo/registry-bridge/internal/keeper"
 )
 
 // ReverseMetaKey marks instances meshturbo registered into Eureka; the watcher never imports
@@ -45,13 +46,9 @@ type RegistrarConfig struct {
 // Registrar registers mesh services into Eureka as UP instances, renews their leases
 // (registering again when Eureka forgot them, e.g. after a restart) and cancels them on Close.
 type Registrar struct {
-	cfg    RegistrarConfig
-	base   *url.URL
-	cancel context.CancelFunc
-	done   chan struct{}
-
-	mu         sync.Mutex
-	registered bool
+	cfg  RegistrarConfig
+	base *url.URL
+	loop *keeper.Loop // keeps the services registered; stopped by Close
 }
 
 // NewRegistrar validates cfg and starts registering in the background.
@@ -78,9 +75,10 @@ func NewRegistrar(cfg RegistrarConfig) (*Registrar, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &Registrar{cfg: cfg, base: base, cancel: cancel, done: make(chan struct{})}
-	go r.run(ctx)
+	r := &Registrar{cfg: cfg, base: base}
+	r.loop = keeper.Start(cfg.Heartbeat, r.renewAll, func(err error) {
+		r.cfg.Logger.Warn("eureka reverse registration failed; retrying", "url", r.base.Redacted(), "error", err)
+	})
 	return r, nil
 }
 
@@ -88,27 +86,16 @@ func instanceID(s MeshService) string {
 	return "meshturbo-" + strings.ToLower(s.App) + "-" + s.Address + "-" + strconv.Itoa(s.Port)
 }
 
-func (r *Registrar) run(ctx context.Context) {
-	defer close(r.done)
-	t := time.NewTicker(r.cfg.Heartbeat)
-	defer t.Stop()
-	for {
-		ok := true
-		for _, s := range r.cfg.Services {
-			if err := r.renew(ctx, s); err != nil && ctx.Err() == nil {
-				ok = false
-				r.cfg.Logger.Warn("eureka reverse registration failed; retrying", "url", r.base.Redacted(), "app", s.App, "error", err)
-			}
-		}
-		r.mu.Lock()
-		r.registered = r.registered || ok
-		r.mu.Unlock()
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
+// renewAll renews every service's lease (registering those Eureka does not know); the
+// error names each service that failed.
+func (r *Registrar) renewAll(ctx context.Context) error {
+	var errs []error
+	for _, s := range r.cfg.Services {
+		if err := r.renew(ctx, s); err != nil {
+			errs = append(errs, fmt.Errorf("app %s: %w", s.App, err))
 		}
 	}
+	return errors.Join(errs...)
 }
 
 // renew sends a heartbeat, and registers when Eureka does not know the instance (404).
@@ -179,17 +166,12 @@ func (r *Registrar) do(ctx context.Context, method, path string, body []byte) (i
 	return resp.StatusCode, nil
 }
 
-// Registered reports whether every service has been registered (or renewed) at least once.
-func (r *Registrar) Registered() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.registered
-}
+// Registered reports whether every service has been registered at least once.
+func (r *Registrar) Registered() bool { return r.loop.Registered() }
 
 // Close stops renewing and cancels every registration.
 func (r *Registrar) Close() error {
-	r.cancel()
-	<-r.done
+	r.loop.Stop()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var errs []error

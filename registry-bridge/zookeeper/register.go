@@ -8,10 +8,11 @@ import (
 	"net"
 	"net/url"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/go-zookeeper/zk"
+
+	"github.com/meshturbo/meshturbo/registry-bridge/internal/keeper"
 )
 
 // ReverseParam marks provider URLs meshturbo registered; the watcher never imports them back.
@@ -44,13 +45,9 @@ type RegistrarConfig struct {
 // registrar's session — on Close, and also when it crashes — and are created again after a
 // session expiry.
 type Registrar struct {
-	cfg    RegistrarConfig
-	conn   *zk.Conn
-	cancel context.CancelFunc
-	done   chan struct{}
-
-	mu         sync.Mutex
-	registered bool
+	cfg  RegistrarConfig
+	conn *zk.Conn
+	loop *keeper.Loop // keeps the services registered; stopped by Close
 }
 
 // NewRegistrar validates cfg, connects and starts registering in the background.
@@ -83,9 +80,11 @@ func NewRegistrar(cfg RegistrarConfig) (*Registrar, error) {
 	if err != nil {
 		return nil, fmt.Errorf("zookeeper registrar: connect %v: %w", cfg.Servers, err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &Registrar{cfg: cfg, conn: conn, cancel: cancel, done: make(chan struct{})}
-	go r.run(ctx)
+	r := &Registrar{cfg: cfg, conn: conn}
+	// Every Check: a session that expired took the ephemeral nodes with it.
+	r.loop = keeper.Start(cfg.Check, func(context.Context) error { return r.ensure() }, func(err error) {
+		r.cfg.Logger.Warn("zookeeper reverse registration failed; retrying", "servers", r.cfg.Servers, "error", err, "retry_in", r.cfg.Check)
+	})
 	return r, nil
 }
 
@@ -108,22 +107,6 @@ func (r *Registrar) providerPath(s MeshService) string {
 
 func (r *Registrar) providersDir(s MeshService) string {
 	return strings.TrimSuffix(r.cfg.DubboRoot, "/") + "/" + s.Interface + "/providers"
-}
-
-func (r *Registrar) run(ctx context.Context) {
-	defer close(r.done)
-	t := time.NewTicker(r.cfg.Check)
-	defer t.Stop()
-	for {
-		if err := r.ensure(); err != nil && ctx.Err() == nil {
-			r.cfg.Logger.Warn("zookeeper reverse registration failed; retrying", "servers", r.cfg.Servers, "error", err, "retry_in", r.cfg.Check)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
 }
 
 func (r *Registrar) ensure() error {
@@ -149,23 +132,15 @@ func (r *Registrar) ensure() error {
 		}
 		r.cfg.Logger.Info("registered mesh service in zookeeper", "interface", s.Interface)
 	}
-	r.mu.Lock()
-	r.registered = true
-	r.mu.Unlock()
 	return nil
 }
 
 // Registered reports whether every service has been registered at least once.
-func (r *Registrar) Registered() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.registered
-}
+func (r *Registrar) Registered() bool { return r.loop.Registered() }
 
 // Close deletes the provider nodes and ends the session (which would remove them anyway).
 func (r *Registrar) Close() error {
-	r.cancel()
-	<-r.done
+	r.loop.Stop()
 	var errs []error
 	for _, s := range r.cfg.Services {
 		if err := r.conn.Delete(r.providerPath(s), -1); err != nil && !errors.Is(err, zk.ErrNoNode) {
