@@ -36,56 +36,46 @@ volatile const __u32 mt_queue_limit = 4 << 20;
  * psock; MT_PEER_NOT_OURS when the peer has no address record (sockops.c records every
  * socket it inserts and forgets it when it closes), so it is not in our sockhash and the
  * redirect would miss; MT_PEER_UNKNOWN when its queue can't be read (the socket at the
- * address is another one by now, a read failed). With want_caught_up, *caught_up says whether
- * the peer has read every byte this socket sent on the TCP path (see the back-off below). */
+ * address is another one by now, or it has no psock). With want_caught_up, *caught_up says
+ * whether the peer has read every byte this socket sent on the TCP path (see the back-off
+ * below). It runs on every send, so it reads the sockets' fields directly (mt_kernel_ptr). */
 #define MT_PEER_NOT_OURS (-2)
 #define MT_PEER_UNKNOWN (-1)
 #define MT_PEER_BLOCKING (-3)
-static __always_inline __s64 mt_peer_queued(const struct mt_sock_key *peer, const struct mt_sock_key *own, int want_caught_up,
+static __always_inline __s64 mt_peer_queued(struct sk_msg_md *msg, const struct mt_sock_key *peer, int want_caught_up,
 					   int *caught_up)
 {
 	struct mt_sk_addr *pa = bpf_map_lookup_elem(&mt_sk_addrs, peer);
-	struct mt_sk_addr *oa = bpf_map_lookup_elem(&mt_sk_addrs, own);
-	struct sock *sk;
+	struct sock *sk, *own;
 	struct sk_psock *psock;
-	__u64 cookie = 0;
-	__u32 tot = 0;
 	int pb, ob;
 
 	if (!pa)
 		return MT_PEER_NOT_OURS;
 	if (!pa->addr)
 		return MT_PEER_UNKNOWN;
-	sk = (struct sock *)pa->addr;
-	if (bpf_core_read(&cookie, sizeof(cookie), &sk->__sk_common.skc_cookie.counter) || cookie != pa->cookie)
+	sk = mt_kernel_ptr(pa->addr, struct sock);
+	if ((__u64)sk->__sk_common.skc_cookie.counter != pa->cookie)
 		return MT_PEER_UNKNOWN;
-	psock = mt_psock_of(sk);
-	if (!psock || bpf_core_read(&tot, sizeof(tot), &psock->msg_tot_len))
+	psock = mt_psock_direct(sk);
+	if (!psock)
 		return MT_PEER_UNKNOWN;
 	/* Blocking reads (see below): no end may be blocking. An end not accepted yet (no file)
 	 * does not stop the redirect: a client commonly sends before the server accepts, and
 	 * should the accepted socket turn out blocking, the first send after that moves the
 	 * pair to TCP, whose bytes its reader reads after the redirected ones. */
-	if (!oa)
-		return MT_PEER_UNKNOWN;
-	pb = mt_sk_blocking(sk);
-	ob = mt_sk_blocking((struct sock *)oa->addr);
-	if (pb < 0 || ob < 0)
-		return MT_PEER_UNKNOWN;
+	own = mt_kernel_ptr(msg->sk, struct sock);
+	pb = mt_sk_blocking_direct(sk);
+	ob = mt_sk_blocking_direct(own);
 	if (pb == 1 || ob == 1)
 		return MT_PEER_BLOCKING;
 	if (want_caught_up) {
-		struct tcp_sock *otp = (struct tcp_sock *)oa->addr, *ptp = (struct tcp_sock *)pa->addr;
-		__u32 write_seq = 0, copied_seq = 1;
+		struct tcp_sock *otp = mt_kernel_ptr(msg->sk, struct tcp_sock);
+		struct tcp_sock *ptp = mt_kernel_ptr(pa->addr, struct tcp_sock);
 
-		cookie = 0;
-		*caught_up = !bpf_core_read(&cookie, sizeof(cookie), &((struct sock *)otp)->__sk_common.skc_cookie.counter) &&
-			     cookie == oa->cookie &&
-			     !bpf_core_read(&write_seq, sizeof(write_seq), &otp->write_seq) &&
-			     !bpf_core_read(&copied_seq, sizeof(copied_seq), &ptp->copied_seq) &&
-			     write_seq == copied_seq;
+		*caught_up = otp->write_seq == ptp->copied_seq;
 	}
-	return tot;
+	return psock->msg_tot_len;
 }
 
 /* The peer's key: this socket's key with the ends swapped. */
@@ -211,12 +201,10 @@ int mt_redir(struct sk_msg_md *msg)
 	 * and moves to TCP for good when one is not. A queue that can't be read moves the pair
 	 * to TCP for good as well. */
 	if (mt_queue_limit) {
-		struct mt_sock_key own;
 		int caught_up = 0;
 		__s64 queued;
 
-		mt_key_swap(&own, &peer);
-		queued = mt_peer_queued(&peer, &own, st->flags & MT_SK_BACKOFF, &caught_up);
+		queued = mt_peer_queued(msg, &peer, st->flags & MT_SK_BACKOFF, &caught_up);
 
 		if (queued == MT_PEER_BLOCKING || queued == MT_PEER_UNKNOWN) {
 			st->flags |= MT_SK_TCP_ONLY;

@@ -126,4 +126,37 @@ static __always_inline int mt_sk_blocking(struct sock *sk)
 	return !(flags & MT_O_NONBLOCK);
 }
 
+/* bpf_rdonly_cast (a kfunc, Linux 6.2 and later) types a kernel address as a pointer to a
+ * kernel struct, read-only. The verifier turns the call into a move, and the program then loads
+ * the struct's fields directly: the JIT makes each a load that yields 0 instead of faulting, as
+ * bpf_probe_read_kernel would, without that helper's call per field. The sk_msg verdict
+ * (redir.c) reads a dozen fields per send this way. */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+#define mt_kernel_ptr(addr, type) ((type *)bpf_rdonly_cast((const void *)(unsigned long)(addr), bpf_core_type_id_kernel(type)))
+
+/* mt_sk_blocking_direct is mt_sk_blocking for a socket from mt_kernel_ptr: 1 blocking, 0
+ * non-blocking, 2 no file yet (a load that faults yields 0, so it reads as no file). */
+static __always_inline int mt_sk_blocking_direct(struct sock *sk)
+{
+	struct socket *sock = sk->sk_socket;
+	struct file *file;
+
+	if (!sock)
+		return 2;
+	file = sock->file;
+	if (!file)
+		return 2;
+	return !(file->f_flags & MT_O_NONBLOCK);
+}
+
+/* mt_psock_direct is mt_psock_of for a socket from mt_kernel_ptr. */
+static __always_inline struct sk_psock *mt_psock_direct(struct sock *sk)
+{
+	unsigned long ud = (unsigned long)sk->sk_user_data & MT_SK_USER_DATA_PTRMASK;
+
+	if (!ud)
+		return 0;
+	return mt_kernel_ptr(ud, struct sk_psock);
+}
+
 #endif /* MESHTURBO_KERNEL_H */
