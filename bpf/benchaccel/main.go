@@ -92,6 +92,10 @@ type benchRun struct {
 	run     func(ctx context.Context, b *bench) (map[string]float64, error)
 }
 
+// agentOnly names the runs that measure the agent's programs themselves: they are not run in
+// plain mode, and are reported naive against ours, after the table.
+var agentOnly = map[string]bool{"verdict": true}
+
 // A metric is one reported number; higher is better unless lowerBetter.
 type metric struct {
 	name        string
@@ -163,6 +167,10 @@ func runs() []benchRun {
 			{"flood_enomem", "ENOMEM of 8", true, false}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
 			r, err := b.goRun(ctx, "flood", 0)
 			return map[string]float64{"victim_tput": r["ratio"], "victim_p99": r["p99_ratio"], "flood_enomem": r["enomem"]}, err
+		}},
+		{"verdict", []metric{{"verdict_ns", "ns per send", true, false}}, func(ctx context.Context, b *bench) (map[string]float64, error) {
+			ns, err := b.verdictCost(ctx)
+			return map[string]float64{"verdict_ns": ns}, err
 		}},
 	}
 }
@@ -294,6 +302,9 @@ func run(ctx context.Context, o opts) (err error) {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
+				if agentOnly[r.name] && mode == "plain" {
+					continue
+				}
 				var agent *bpf.Agent
 				var before bpf.Stats
 				if mode != "plain" {
@@ -368,8 +379,13 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 	fmt.Fprintf(tw, "case\tunit\tplain\tnaive\tours\tnaive/plain\tours/plain\tsamples plain | naive | ours\n")
 	ratios, ours := map[string]float64{}, map[string]float64{}
 	worst := math.Inf(1)
+	var agentMetrics []string
 	for _, r := range o.selected() {
 		for _, m := range r.metrics {
+			if agentOnly[r.name] {
+				agentMetrics = append(agentMetrics, m.name)
+				continue
+			}
 			vals := map[string][]float64{}
 			for _, s := range samples {
 				if s.Case == m.name {
@@ -389,6 +405,17 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 		}
 	}
 	tw.Flush()
+	for _, name := range agentMetrics {
+		vals := map[string][]float64{}
+		for _, s := range samples {
+			if s.Case == name {
+				vals[s.Mode] = append(vals[s.Mode], s.Value)
+			}
+		}
+		n, a := median(vals["naive"]), median(vals["accel"])
+		fmt.Printf("%s (the sk_msg verdict's run time per send, kernel BPF statistics, 2 s of 64 B stream): naive %.0f ns, ours %.0f ns (%.2fx); samples %s | %s\n",
+			name, n, a, a/n, fmtList(vals["naive"]), fmtList(vals["accel"]))
+	}
 	fmt.Printf("(medians of %d interleaved reps of %s, %s for go_stream_64B/1KiB; ours = the agent's default; for latency lower is better)\n", o.reps, o.duration, o.smallStreamDuration)
 	// Small streams: the lowest of the small-write cases run (sockperf's and the Go
 	// harness's). The victim ratio is the accelerated mode's own (victim during the flood ÷
