@@ -156,7 +156,7 @@ func TestUnhookWaitsForQuietEnds(t *testing.T) {
 	cg := testCgroup(t)
 	w := startWorkload(t, cg)
 	cfg := testConfig(t, cg)
-	cfg.SmallMsg = smallWrite // the small-write rule (off by default) demotes the pair below
+	cfg.SmallMsg = smallWrite                // the small-write rule (off by default) demotes the pair below
 	cfg.UnhookGrace = 300 * time.Millisecond // the reader is blocked well before it ends
 	a := newAgent(t, cfg)
 	addr := w.call(wlRequest{Op: "listen", Addr: "127.0.0.1:0"}).Addr
