@@ -326,12 +326,13 @@ func run(ctx context.Context, o opts) (err error) {
 				}
 				vals, err := r.run(ctx, b)
 				stopAwake()
-				var redirected, demoted, unhooked uint64
+				var redirected, demoted, unhooked, backoffs uint64
 				if agent != nil {
 					after, _ := agent.Stats()
 					redirected = after.BytesRedirected - before.BytesRedirected
 					demoted = after.SocketsDemoted - before.SocketsDemoted
 					unhooked = after.SocketsUnhooked - before.SocketsUnhooked
+					backoffs = after.QueueBackoff - before.QueueBackoff
 					// Uninstall: the next plain run must see no program at all.
 					err = errors.Join(err, agent.Uninstall())
 				}
@@ -345,7 +346,7 @@ func run(ctx context.Context, o opts) (err error) {
 						fmt.Fprintf(os.Stderr, " unhooked %d", unhooked)
 					}
 					if agent != nil {
-						fmt.Fprintf(os.Stderr, " redirected %d MiB, sockets moved to TCP %d", redirected>>20, demoted)
+						fmt.Fprintf(os.Stderr, " redirected %d MiB, sockets moved to TCP %d, queue back-offs %d", redirected>>20, demoted, backoffs)
 					}
 					fmt.Fprintln(os.Stderr)
 				}
