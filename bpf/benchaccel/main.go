@@ -175,11 +175,16 @@ func runs() []benchRun {
 	}
 }
 
-// Modes: plain TCP, naive redirect (every send), ours (with the small-write rule), and ours
-// with demoted sockets left in the sockhash (not run by default: what unhooking gains).
-var allModes = []string{"plain", "naive", "accel", "keep"}
+// Modes: plain TCP, naive redirect (every send), ours (the agent's defaults), control (plain
+// TCP again, last in each rep's order, so plain and control run at the two ends of it: their
+// ratio is what this machine's swing alone makes of a case), and ours with demoted sockets
+// left in the sockhash (not run by default: what unhooking gains).
+var allModes = []string{"plain", "naive", "accel", "control", "keep"}
 
-var defaultModes = []string{"plain", "naive", "accel"}
+var defaultModes = []string{"plain", "naive", "accel", "control"}
+
+// noAgent says whether a mode runs without the agent.
+func noAgent(mode string) bool { return mode == "plain" || mode == "control" }
 
 func runNames() []string {
 	var names []string
@@ -302,12 +307,12 @@ func run(ctx context.Context, o opts) (err error) {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				if agentOnly[r.name] && mode == "plain" {
+				if agentOnly[r.name] && noAgent(mode) {
 					continue
 				}
 				var agent *bpf.Agent
 				var before bpf.Stats
-				if mode != "plain" {
+				if !noAgent(mode) {
 					c := cfg
 					c.NaiveRedirect = mode == "naive"
 					c.KeepDemoted = mode == "keep"
@@ -377,9 +382,9 @@ func run(ctx context.Context, o opts) (err error) {
 
 func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "case\tunit\tplain\tnaive\tours\tnaive/plain\tours/plain\tsamples plain | naive | ours\n")
+	fmt.Fprintf(tw, "case\tunit\tplain\tnaive\tours\tnaive/plain\tours/plain\tcontrol/plain\tsamples plain | naive | ours | control\n")
 	ratios, ours := map[string]float64{}, map[string]float64{}
-	worst := math.Inf(1)
+	worst, controlWorst := math.Inf(1), math.Inf(1)
 	var agentMetrics []string
 	for _, r := range o.selected() {
 		for _, m := range r.metrics {
@@ -393,7 +398,7 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 					vals[s.Mode] = append(vals[s.Mode], s.Value)
 				}
 			}
-			p, n, a := median(vals["plain"]), median(vals["naive"]), median(vals["accel"])
+			p, n, a, c := median(vals["plain"]), median(vals["naive"]), median(vals["accel"]), median(vals["control"])
 			ours[m.name] = a
 			if !math.IsNaN(a / p) {
 				ratios[m.name] = a / p
@@ -401,8 +406,11 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 					worst = min(worst, a/p)
 				}
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%.3f\t%.3f\t%.3f\t%.2fx\t%.2fx\t%s | %s | %s\n", m.name, m.unit, p, n, a, n/p, a/p,
-				fmtList(vals["plain"]), fmtList(vals["naive"]), fmtList(vals["accel"]))
+			if m.throughput && !math.IsNaN(c/p) {
+				controlWorst = min(controlWorst, c/p)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%.3f\t%.3f\t%.3f\t%.2fx\t%.2fx\t%.2fx\t%s | %s | %s | %s\n", m.name, m.unit, p, n, a, n/p, a/p, c/p,
+				fmtList(vals["plain"]), fmtList(vals["naive"]), fmtList(vals["accel"]), fmtList(vals["control"]))
 		}
 	}
 	tw.Flush()
@@ -417,7 +425,9 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 		fmt.Printf("%s (the sk_msg verdict's run time per send, kernel BPF statistics, 2 s of 64 B stream): naive %.0f ns, ours %.0f ns (%.2fx); samples %s | %s\n",
 			name, n, a, a/n, fmtList(vals["naive"]), fmtList(vals["accel"]))
 	}
-	fmt.Printf("(medians of %d interleaved reps of %s, %s for go_stream_64B/1KiB; ours = the agent's default; for latency lower is better)\n", o.reps, o.duration, o.smallStreamDuration)
+	fmt.Printf("(medians of %d interleaved reps of %s, %s for go_stream_64B/1KiB; ours = the agent's default; for latency lower is better;"+
+		" control = plain TCP again at the other end of each rep: control/plain is this machine's swing alone, and control_worst_ratio"+
+		" its lowest throughput ratio, the one to hold worst_ratio against)\n", o.reps, o.duration, o.smallStreamDuration)
 	// Small streams: the lowest of the small-write cases run (sockperf's and the Go
 	// harness's). The victim ratio is the accelerated mode's own (victim during the flood ÷
 	// before it), not a ratio against plain.
@@ -463,9 +473,9 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 		fmt.Printf("envoy_rps_ratio = connect4+accel ÷ iptables (the agent vs Istio's default); connect4_rps_ratio = connect4 ÷ iptables (redirection alone); iptables+accel ÷ iptables = %s\n",
 			fmtRatio(rps["iptables+accel"]/rps["iptables"]))
 	}
-	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=%s connect4_rps_ratio=%s queue_ratio=%s victim_tput_ratio=%s victim_p99_ratio=%s\n",
+	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=%s connect4_rps_ratio=%s queue_ratio=%s victim_tput_ratio=%s victim_p99_ratio=%s control_worst_ratio=%s\n",
 		ratio("go_pingpong_64B_p50"), ratio("bulk_128KiB"), fmtRatio(small), fmtRatio(worst), fmtRatio(envoyRatio), fmtRatio(connect4Ratio),
-		ratio("queue_bytes"), fmtRatio(victim), fmtRatio(victimP99))
+		ratio("queue_bytes"), fmtRatio(victim), fmtRatio(victimP99), fmtRatio(controlWorst))
 }
 
 func fmtRatio(v float64) string {
