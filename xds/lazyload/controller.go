@@ -334,9 +334,10 @@ func (c *Controller) publishFallback(cat *model.Catalog, id *Identity) error {
 func (c *Controller) publish(cat *model.Catalog) error {
 	scopes := map[string]Scope{}
 	res := make([]xds.Resource, 0, len(c.cfg.Workloads))
+	idx := indexCatalog(cat)
 	for i := range c.cfg.Workloads {
 		w := &c.cfg.Workloads[i]
-		hosts, services := scopeHosts(w, c.graph.Edges(w.ID()), cat, c.cfg.Fallback, c.cfg.AlwaysInclude)
+		hosts, services := scopeHosts(w, c.graph.Edges(w.ID()), idx, c.cfg.Fallback, c.cfg.AlwaysInclude)
 		r := sidecar(w, hosts, c.cfg.Fallback)
 		res = append(res, r)
 		scopes[w.ID()] = Scope{Workload: w.ID(), Namespace: w.Namespace, Selector: w.Selector, Hosts: hosts, Services: services}

@@ -2,6 +2,7 @@ package lazyload
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -157,7 +158,7 @@ func TestScopeHoldsCalledHostsAndStandInsForUncoveredPorts(t *testing.T) {
 	fb := Fallback{Address: "10.9.9.9"}
 	w := &Workload{Namespace: "default", Name: "client"}
 	edges := []Edge{{EdgeKey: EdgeKey{Workload: w.ID(), Host: "a.consul", Port: 80}}, {EdgeKey: EdgeKey{Workload: w.ID(), Host: "t.consul", Port: 9000}}}
-	hosts, n := scopeHosts(w, edges, catalog(), fb, []string{"istio-system/*"})
+	hosts, n := scopeHosts(w, edges, indexCatalog(catalog()), fb, []string{"istio-system/*"})
 	want := []string{
 		"*/a.consul",
 		"*/meshturbo-fallback.meshturbo.internal",
@@ -452,4 +453,36 @@ func TestReplicasShareLearnedEdges(t *testing.T) {
 	// And an edge B learns now reaches A.
 	sendALS(t, b2.addr, alsEntry("spiffe://cluster.local/ns/default/sa/client", "lazy|9000|t.consul"))
 	awaitScope(t, a.ctrl, func(s Scope) bool { return slices.Contains(s.Hosts, "*/t.consul") })
+}
+
+// BenchmarkScopes computes every workload's scope once, as publish does on each change: 1,000
+// workloads calling 5 services each, in a catalog of 10,000 services on 10 ports.
+func BenchmarkScopes(b *testing.B) {
+	const services, workloads, calls, ports = 10000, 1000, 5, 10
+	svcs := make([]model.Service, services)
+	for i := range svcs {
+		p := uint32(8000 + i%ports)
+		svcs[i] = model.Service{Hostname: fmt.Sprintf("svc-%05d.consul", i),
+			Ports:     []model.Port{{Name: "http", Number: p, Protocol: model.ProtocolHTTP}},
+			Endpoints: []model.Endpoint{{ID: "e", Address: "10.0.0.1"}}}
+	}
+	cat := model.NewCatalog(svcs)
+	ws := make([]Workload, workloads)
+	edges := make([][]Edge, workloads)
+	for i := range ws {
+		ws[i] = Workload{Namespace: "default", Name: fmt.Sprintf("w%d", i)}
+		for j := range calls {
+			edges[i] = append(edges[i], Edge{EdgeKey: EdgeKey{Workload: ws[i].ID(), Host: svcs[(i*7+j*131)%services].Hostname, Port: 8000}})
+		}
+	}
+	fb := Fallback{Address: "10.9.9.9"}
+	b.ResetTimer()
+	for b.Loop() {
+		idx := indexCatalog(cat)
+		for i := range ws {
+			if _, n := scopeHosts(&ws[i], edges[i], idx, fb, nil); n != calls {
+				b.Fatalf("workload %d: %d services in scope, want %d", i, n, calls)
+			}
+		}
+	}
 }

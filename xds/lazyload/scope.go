@@ -156,31 +156,42 @@ type Scope struct {
 	FallbackHits uint64 `json:"fallbackHits"`
 }
 
+// catalogIndex is what every workload's scope needs from a catalog, built once per publish,
+// so that a scope costs as much as the workload's edges, not as the catalog's size.
+type catalogIndex struct {
+	ports  []meshPort
+	byHost map[string]*model.Service
+}
+
+func indexCatalog(cat *model.Catalog) *catalogIndex {
+	idx := &catalogIndex{ports: meshPorts(cat), byHost: make(map[string]*model.Service, len(cat.Services))}
+	for i := range cat.Services {
+		idx.byHost[cat.Services[i].Hostname] = &cat.Services[i]
+	}
+	return idx
+}
+
 // scopeHosts computes the egress hosts of w: the fallback, every host w has an edge to, the
 // port stand-ins for mesh ports none of those hosts use, and the always-included hosts.
-func scopeHosts(w *Workload, edges []Edge, cat *model.Catalog, fb Fallback, always []string) (hosts []string, services int) {
+func scopeHosts(w *Workload, edges []Edge, cat *catalogIndex, fb Fallback, always []string) (hosts []string, services int) {
 	fb.defaults()
-	called := map[string]bool{}
-	for _, e := range edges {
-		called[e.Host] = true
-	}
 	covered := map[uint32]bool{}
 	set := map[string]bool{"*/" + fb.Host: true}
-	for i := range cat.Services {
-		svc := &cat.Services[i]
-		if !called[svc.Hostname] {
+	for _, e := range edges {
+		if set["*/"+e.Host] {
+			continue // another port of a host already counted
+		}
+		set["*/"+e.Host] = true // a host that left the catalog stays harmlessly until its edge expires
+		svc, ok := cat.byHost[e.Host]
+		if !ok {
 			continue
 		}
-		set["*/"+svc.Hostname] = true
 		services++
 		for _, p := range svc.Ports {
 			covered[p.Number] = true
 		}
 	}
-	for h := range called {
-		set["*/"+h] = true // a host that left the catalog stays harmlessly until its edge expires
-	}
-	for _, mp := range meshPorts(cat) {
+	for _, mp := range cat.ports {
 		if !covered[mp.Number] {
 			set["*/"+fb.portHost(mp.Number)] = true
 		}
