@@ -42,24 +42,40 @@ volatile const __u32 mt_queue_limit = 4 << 20;
 #define MT_PEER_NOT_OURS (-2)
 #define MT_PEER_UNKNOWN (-1)
 #define MT_PEER_BLOCKING (-3)
-static __always_inline __s64 mt_peer_queued(struct sk_msg_md *msg, const struct mt_sock_key *peer, int want_caught_up,
-					   int *caught_up)
+static __always_inline __s64 mt_peer_queued(struct sk_msg_md *msg, struct mt_sk_state *st, const struct mt_sock_key *peer,
+					   int want_caught_up, int *caught_up)
 {
-	struct mt_sk_addr *pa = bpf_map_lookup_elem(&mt_sk_addrs, peer);
+	struct mt_sk_addr *pa;
 	struct sock *sk, *own;
-	struct sk_psock *psock;
+	struct sk_psock *psock = 0;
+	__u64 addr = st->peer_addr;
 	int pb, ob;
 
-	if (!pa)
-		return MT_PEER_NOT_OURS;
-	if (!pa->addr)
-		return MT_PEER_UNKNOWN;
-	sk = mt_kernel_ptr(pa->addr, struct sock);
-	if ((__u64)sk->__sk_common.skc_cookie.counter != pa->cookie)
-		return MT_PEER_UNKNOWN;
-	psock = mt_psock_direct(sk);
-	if (!psock)
-		return MT_PEER_UNKNOWN;
+	/* The peer found by an earlier send, while it is still that socket and in a sockmap:
+	 * the cookie changes when the memory is reused for another socket, and the psock goes
+	 * when the socket leaves the sockhash. Otherwise the record decides, as on a first send. */
+	if (addr) {
+		sk = mt_kernel_ptr(addr, struct sock);
+		if ((__u64)sk->__sk_common.skc_cookie.counter == st->peer_cookie)
+			psock = mt_psock_direct(sk);
+	}
+	if (!psock) {
+		st->peer_addr = 0;
+		pa = bpf_map_lookup_elem(&mt_sk_addrs, peer);
+		if (!pa)
+			return MT_PEER_NOT_OURS;
+		if (!pa->addr)
+			return MT_PEER_UNKNOWN;
+		addr = pa->addr;
+		sk = mt_kernel_ptr(addr, struct sock);
+		if ((__u64)sk->__sk_common.skc_cookie.counter != pa->cookie)
+			return MT_PEER_UNKNOWN;
+		psock = mt_psock_direct(sk);
+		if (!psock)
+			return MT_PEER_UNKNOWN;
+		st->peer_addr = addr;
+		st->peer_cookie = pa->cookie;
+	}
 	/* Blocking reads (see below): no end may be blocking. An end not accepted yet (no file)
 	 * does not stop the redirect: a client commonly sends before the server accepts, and
 	 * should the accepted socket turn out blocking, the first send after that moves the
@@ -71,7 +87,7 @@ static __always_inline __s64 mt_peer_queued(struct sk_msg_md *msg, const struct 
 		return MT_PEER_BLOCKING;
 	if (want_caught_up) {
 		struct tcp_sock *otp = mt_kernel_ptr(msg->sk, struct tcp_sock);
-		struct tcp_sock *ptp = mt_kernel_ptr(pa->addr, struct tcp_sock);
+		struct tcp_sock *ptp = mt_kernel_ptr(addr, struct tcp_sock);
 
 		*caught_up = otp->write_seq == ptp->copied_seq;
 	}
@@ -204,7 +220,7 @@ int mt_redir(struct sk_msg_md *msg)
 		int caught_up = 0;
 		__s64 queued;
 
-		queued = mt_peer_queued(msg, &peer, st->flags & MT_SK_BACKOFF, &caught_up);
+		queued = mt_peer_queued(msg, st, &peer, st->flags & MT_SK_BACKOFF, &caught_up);
 
 		if (queued == MT_PEER_BLOCKING || queued == MT_PEER_UNKNOWN) {
 			st->flags |= MT_SK_TCP_ONLY;

@@ -102,8 +102,11 @@ type sockopsMtSkAddr struct {
 }
 
 type sockopsMtSkState struct {
-	_     structs.HostLayout
-	Flags uint32
+	_          structs.HostLayout
+	Flags      uint32
+	Pad        uint32
+	PeerAddr   uint64
+	PeerCookie uint64
 }
 
 type sockopsMtSockKey struct {

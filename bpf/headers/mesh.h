@@ -88,9 +88,14 @@ struct mt_counters {
 	__u64 sock_unpaired;      /* mesh sockets not inserted: the connecting end is not in our sockhash */
 };
 
-/* Per-socket state (socket local storage). */
+/* Per-socket state (socket local storage). peer_addr and peer_cookie cache the peer's
+ * mt_sk_addrs record (redir.c), so that a send does not look it up again while the socket at
+ * that address still has that cookie and a psock; 0 until the first send that found it. */
 struct mt_sk_state {
 	__u32 flags;
+	__u32 pad;
+	__u64 peer_addr;
+	__u64 peer_cookie;
 };
 
 /* mt_pair_state.flags: MT_PAIR_DEMOTED is set when one end streamed small writes. From then
