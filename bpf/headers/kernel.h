@@ -92,16 +92,6 @@ struct tcp_sock {
 /* sk_user_data carries flag bits (SK_USER_DATA_NOCOPY, _BPF, _PSOCK) below the pointer. */
 #define MT_SK_USER_DATA_PTRMASK (~7UL)
 
-/* mt_psock_of returns the psock of a socket in a sockmap (NULL when it has none). */
-static __always_inline struct sk_psock *mt_psock_of(struct sock *sk)
-{
-	unsigned long ud = 0;
-
-	if (bpf_core_read(&ud, sizeof(ud), &sk->sk_user_data))
-		return 0;
-	return (struct sk_psock *)(ud & MT_SK_USER_DATA_PTRMASK);
-}
-
 #define MT_O_NONBLOCK 04000
 
 /* mt_sk_blocking returns 1 when the socket's file is in blocking mode, 0 when it is
@@ -149,7 +139,8 @@ static __always_inline int mt_sk_blocking_direct(struct sock *sk)
 	return !(file->f_flags & MT_O_NONBLOCK);
 }
 
-/* mt_psock_direct is mt_psock_of for a socket from mt_kernel_ptr. */
+/* mt_psock_direct returns the psock of a socket from mt_kernel_ptr (NULL when it is in no
+ * sockmap). */
 static __always_inline struct sk_psock *mt_psock_direct(struct sock *sk)
 {
 	unsigned long ud = (unsigned long)sk->sk_user_data & MT_SK_USER_DATA_PTRMASK;
