@@ -335,6 +335,16 @@ lazyload:
 		case !st.Accelerating && (r.code != 5 || st.FallbackReason == ""):
 			t.Errorf("not accelerating: want exit 5 and the reason: %v", r)
 		}
+		if st.Accelerating {
+			// The real agent's safety state and counters reach the table.
+			r = meshctl(t, agentEnv, "accel", "status")
+			for _, re := range []string{`(?m)^Queue bound:\s+2\.0 MiB unread per socket`, `(?m)^Listeners at start:\s+(\d+ recorded|off: )`,
+				`(?m)^Kept out:\s+\d+ blocking, \d+ without their connecting end$`, `(?m)^Queue back-offs:\s+\d+ `} {
+				if !regexp.MustCompile(re).MatchString(r.stdout) {
+					t.Errorf("accel status table lacks %s:\n%s", re, r.stdout)
+				}
+			}
+		}
 		r = meshctl(t, agentEnv, "vpp", "status")
 		if r.code != 4 || !strings.Contains(r.stderr, "the agent at "+agentAdmin+" does not run VPP (404") {
 			t.Errorf("vpp status on an agent without VPP: %v", r)

@@ -66,6 +66,21 @@ func describeAccel(w io.Writer, st accelStatus) {
 			small = fmt.Sprintf("%d sends below %d bytes in a row move a socket to TCP", s.SmallRun, s.SmallMsg)
 		}
 		field(w, "Small-write rule", small)
+		bound := "none"
+		if s.QueueLimit > 0 {
+			bound = bytesHuman(uint64(s.QueueLimit)) + " unread per socket, then TCP's flow control"
+		}
+		field(w, "Queue bound", bound)
+		field(w, "Unhooking", onOff(s.Unhook.On, s.Unhook.Off, fmt.Sprintf("on (%d waiting)", s.Unhook.Deferred)))
+		field(w, "Listeners at start", onOff(s.Listeners.On, s.Listeners.Off, fmt.Sprintf("%d recorded", s.Listeners.Seeded)))
+		redirect := "not configured"
+		if s.Redirect.On || s.Redirect.Off != "" {
+			redirect = onOff(s.Redirect.On, s.Redirect.Off, "on: connects go to "+s.Redirect.SidecarAddr)
+		}
+		field(w, "Redirect mode", redirect)
+		for _, m := range s.ReplacedMaps {
+			field(w, "Replaced map", m.Name+": "+m.Reason)
+		}
 	}
 	if st.Accelerating {
 		field(w, "Accelerated sockets", st.Sockets)
@@ -73,9 +88,17 @@ func describeAccel(w io.Writer, st accelStatus) {
 	if s := st.Stats; s != nil {
 		field(w, "Redirected", fmt.Sprintf("%s in %d sends", bytesHuman(s.BytesRedirected), s.MsgRedirected))
 		field(w, "Fell through to TCP", fmt.Sprintf("%s in %d sends (peer not accelerated)", bytesHuman(s.BytesFallthrough), s.MsgFallthrough))
-		field(w, "Kept on TCP", fmt.Sprintf("%s in %d sends (%d sockets demoted for small writes)", bytesHuman(s.BytesTCPOnly), s.MsgTCPOnly, s.SocketsDemoted))
+		field(w, "Kept on TCP", fmt.Sprintf("%s in %d sends", bytesHuman(s.BytesTCPOnly), s.MsgTCPOnly))
+		field(w, "Pairs moved to TCP", fmt.Sprintf("%d (%d for a blocking end, %d with an unreadable queue); %d sockets unhooked",
+			s.SocketsDemoted, s.BlockingDemoted, s.QueueUnknown, s.SocketsUnhooked))
+		field(w, "Queue back-offs", fmt.Sprintf("%d (%d resumed redirecting)", s.QueueBackoff, s.QueueResumed))
 		field(w, "Sockets inserted", s.SocketsInserted)
+		field(w, "Kept out", fmt.Sprintf("%d blocking, %d without their connecting end", s.BlockingSkipped, s.Unpaired))
 		field(w, "Insert failures", fmt.Sprintf("%d (busy %d, full %d, state %d)", s.InsertFailed, s.InsertBusy, s.InsertFull, s.StateFailed))
+		if st.State != nil && st.State.Redirect.On {
+			field(w, "Connects redirected", fmt.Sprintf("%d (left alone: %d by the sidecar, %d excluded); SO_ORIGINAL_DST answered %d",
+				s.ConnectRedirected, s.ConnectSidecar, s.ConnectExcluded, s.OrigDstAnswered))
+		}
 	}
 	field(w, "Error", st.Error)
 	if s := st.State; s != nil && len(s.Programs) > 0 {
@@ -95,6 +118,17 @@ func describeAccel(w io.Writer, st accelStatus) {
 			row(w, "  "+f.Feature, yesNo(f.Supported), f.Error)
 		}
 	}
+}
+
+// onOff renders a mode: on (what it does), or off and why.
+func onOff(on bool, off, onText string) string {
+	if on {
+		return onText
+	}
+	if off == "" {
+		return "off"
+	}
+	return "off: " + off
 }
 
 func newVPPCmd(g *globals) *cobra.Command {

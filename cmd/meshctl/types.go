@@ -1,12 +1,16 @@
 package main
 
-import "time"
+import (
+	"encoding/json"
+	"time"
+)
 
 // The daemons' admin JSON, as far as meshctl shows it in tables. meshctl keeps its own copies
 // instead of importing the daemons' packages (which would link Consul, ZooKeeper and BPF
 // libraries into the CLI); -o json and -o yaml print the daemons' answers unchanged, so a
 // field meshctl does not know yet is still shown there. The e2e tests decode the real
-// daemons' answers into these types, so a drift fails there.
+// daemons' answers into these types, and TestAccelTypesFollowTheAgent checks the agent's
+// state and counters field by field, so a drift fails there.
 
 // sourceStatus is one element of meshturbo-xds GET /v1/registries.
 type sourceStatus struct {
@@ -121,11 +125,34 @@ type accelState struct {
 	MaxConns     uint32            `json:"max_conns"`
 	SmallMsg     uint32            `json:"small_msg"`
 	SmallRun     uint32            `json:"small_run"`
+	QueueLimit   uint32            `json:"queue_limit"`
 	Programs     []accelAttachment `json:"programs"`
 	ReusedMaps   []string          `json:"reused_maps"`
+	ReplacedMaps []struct {
+		Name   string `json:"name"`
+		Reason string `json:"reason"`
+	} `json:"replaced_maps"`
+	OtherOwners  []json.RawMessage `json:"other_owners"`
 	OtherSockOps []uint32          `json:"other_sockops"`
 	MeshIPs      []string          `json:"mesh_ips"`
 	SidecarPorts []uint16          `json:"sidecar_ports"`
+	Unhook       struct {
+		On        bool   `json:"on"`
+		Off       string `json:"off"`
+		LastError string `json:"last_error"`
+		Deferred  int    `json:"deferred"`
+	} `json:"unhook"`
+	Listeners struct {
+		On     bool   `json:"on"`
+		Seeded int    `json:"seeded"`
+		Off    string `json:"off"`
+	} `json:"listeners"`
+	Redirect struct {
+		On          bool     `json:"on"`
+		Off         string   `json:"off"`
+		SidecarAddr string   `json:"sidecar_addr"`
+		Cgroups     []string `json:"sidecar_cgroups"`
+	} `json:"redirect"`
 }
 
 type accelAttachment struct {
@@ -137,20 +164,34 @@ type accelAttachment struct {
 	Adopted   bool   `json:"adopted"`
 }
 
+// accelStats are the agent's counters (bpf.Stats), summed over CPUs since the programs loaded.
 type accelStats struct {
-	SocketsInserted  uint64 `json:"sockets_inserted"`
-	InsertFailed     uint64 `json:"insert_failed"`
-	InsertBusy       uint64 `json:"insert_busy"`
-	InsertFull       uint64 `json:"insert_full"`
-	SocketsSkipped   uint64 `json:"sockets_skipped"`
-	MsgRedirected    uint64 `json:"msg_redirected"`
-	BytesRedirected  uint64 `json:"bytes_redirected"`
-	MsgFallthrough   uint64 `json:"msg_fallthrough"`
-	BytesFallthrough uint64 `json:"bytes_fallthrough"`
-	MsgTCPOnly       uint64 `json:"msg_tcp_only"`
-	BytesTCPOnly     uint64 `json:"bytes_tcp_only"`
-	SocketsDemoted   uint64 `json:"sockets_demoted"`
-	StateFailed      uint64 `json:"state_failed"`
+	SocketsInserted   uint64 `json:"sockets_inserted"`
+	InsertFailed      uint64 `json:"insert_failed"`
+	InsertBusy        uint64 `json:"insert_busy"`
+	InsertFull        uint64 `json:"insert_full"`
+	SocketsSkipped    uint64 `json:"sockets_skipped"`
+	MsgRedirected     uint64 `json:"msg_redirected"`
+	BytesRedirected   uint64 `json:"bytes_redirected"`
+	MsgFallthrough    uint64 `json:"msg_fallthrough"`
+	BytesFallthrough  uint64 `json:"bytes_fallthrough"`
+	MsgTCPOnly        uint64 `json:"msg_tcp_only"`
+	BytesTCPOnly      uint64 `json:"bytes_tcp_only"`
+	SocketsDemoted    uint64 `json:"sockets_demoted"`
+	SocketsUnhooked   uint64 `json:"sockets_unhooked"`
+	UnhookDeferred    uint64 `json:"unhook_deferred"`
+	QueueBackoff      uint64 `json:"queue_backoff"`
+	QueueResumed      uint64 `json:"queue_resumed"`
+	QueueUnknown      uint64 `json:"queue_unknown"`
+	BlockingDemoted   uint64 `json:"blocking_demoted"`
+	BlockingSkipped   uint64 `json:"blocking_skipped"`
+	Unpaired          uint64 `json:"unpaired"`
+	ConnectRedirected uint64 `json:"connect_redirected"`
+	ConnectSidecar    uint64 `json:"connect_sidecar"`
+	ConnectExcluded   uint64 `json:"connect_excluded"`
+	OrigDstRecorded   uint64 `json:"orig_dst_recorded"`
+	OrigDstAnswered   uint64 `json:"orig_dst_answered"`
+	StateFailed       uint64 `json:"state_failed"`
 }
 
 // vppStatus is meshturbo-agent GET /v1/vpp in VPP mode: the vpp package's Status plus the
