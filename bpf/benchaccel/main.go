@@ -55,7 +55,7 @@ func main() {
 	flag.StringVar(&o.jsonOut, "json", "", "also write all samples as JSON to this file")
 	flag.StringVar(&o.only, "only", "", "comma-separated runs to do (default all): "+strings.Join(runNames(), ",")+",envoy")
 	flag.IntVar(&o.envoyConns, "envoy-conns", 8, "fortio connections in the Envoy runs")
-	flag.UintVar(&o.smallMsg, "small-msg", uint(bpf.DefaultSmallMsg), "the agent's small-write threshold in the accelerated modes (0: the rule off, the agent's default)")
+	flag.UintVar(&o.smallMsg, "small-msg", uint(bpf.DefaultSmallMsg), "the agent's small-write threshold in the accelerated modes (0: the rule off; default: the agent's)")
 	flag.StringVar(&o.pinCPUs, "pin-cpus", "", "CLIENT,SERVER (e.g. 0,1): run the tools' clients and servers on these CPUs in every mode;"+
 		" empty (the default): where the scheduler puts them, as on a node. Pinned apart, every wake-up crosses CPUs: Go ping-pong"+
 		" p50 doubled here (10 → 20 µs) and its ratio rose to ~0.89×, while bulk and small streams gained; iperf3 16 KiB swung as much either way")

@@ -89,7 +89,7 @@ func parseArgs(argv []string, stderr io.Writer) (args, error) {
 	fs.StringVar(&a.vppAPISocket, "vpp-api-socket", "", "with -vpp-config: VPP's binary API socket, overriding the file's apiSocket (default /run/vpp/api.sock)")
 	fs.DurationVar(&a.meshPoll, "mesh-poll", 2*time.Second, "how often -mesh-file is checked for changes")
 	fs.UintVar(&a.maxConns, "max-conns", bpf.DefaultMaxConns, "sockhash size (accelerated sockets, two per connection)")
-	fs.UintVar(&a.smallMsg, "small-msg", bpf.DefaultSmallMsg, "sends below this many bytes are small (see -small-run); 0, the default, turns the small-write rule off (event-loop readers gain from redirecting small writes; blocking readers are never redirected)")
+	fs.UintVar(&a.smallMsg, "small-msg", bpf.DefaultSmallMsg, "sends below this many bytes are small (see -small-run): a socket that streams small writes runs as plain TCP, which coalesces them; 0 turns the small-write rule off")
 	fs.UintVar(&a.smallRun, "small-run", bpf.DefaultSmallRun, "a socket making this many small sends in a row, with no send of its peer between, moves to TCP for good")
 	fs.UintVar(&a.queueLimit, "queue-limit", bpf.DefaultQueueLimit, "bytes a socket may hold unread from redirects; a pair reaching it moves to TCP (flow control) for good")
 	fs.BoolVar(&a.naive, "naive-redirect", false, "redirect every send of a mesh socket (no small-write rule); for benchmarks")
