@@ -32,6 +32,18 @@ volatile const __u32 mt_small_run = 16;
 /* Set by the loader: the most redirected bytes a peer may hold unread (0: no limit). */
 volatile const __u32 mt_queue_limit = 4 << 20;
 
+/* mt_live_psock returns the psock of the socket at addr while it is still the socket with
+ * that cookie (the cookie changes when the memory is reused for another socket) and in a
+ * sockmap (the psock goes when it leaves); NULL otherwise. */
+static __always_inline struct sk_psock *mt_live_psock(__u64 addr, __u64 cookie)
+{
+	struct sock *sk = mt_kernel_ptr(addr, struct sock);
+
+	if ((__u64)sk->__sk_common.skc_cookie.counter != cookie)
+		return 0;
+	return mt_psock_direct(sk);
+}
+
 /* mt_peer_queued returns how many redirected bytes the peer socket holds unread in its
  * psock; MT_PEER_NOT_OURS when the peer has no address record (sockops.c records every
  * socket it inserts and forgets it when it closes), so it is not in our sockhash and the
@@ -48,17 +60,12 @@ static __always_inline __s64 mt_peer_queued(struct sk_msg_md *msg, struct mt_sk_
 	struct mt_sk_addr *pa;
 	struct sock *sk, *own;
 	struct sk_psock *psock = 0;
-	__u64 addr = st->peer_addr;
 	int pb, ob;
 
-	/* The peer found by an earlier send, while it is still that socket and in a sockmap:
-	 * the cookie changes when the memory is reused for another socket, and the psock goes
-	 * when the socket leaves the sockhash. Otherwise the record decides, as on a first send. */
-	if (addr) {
-		sk = mt_kernel_ptr(addr, struct sock);
-		if ((__u64)sk->__sk_common.skc_cookie.counter == st->peer_cookie)
-			psock = mt_psock_direct(sk);
-	}
+	/* The peer an earlier send found, kept in this socket's storage; otherwise (first send,
+	 * or the cached peer is gone) the record decides, and is cached. */
+	if (st->peer_addr)
+		psock = mt_live_psock(st->peer_addr, st->peer_cookie);
 	if (!psock) {
 		st->peer_addr = 0;
 		pa = bpf_map_lookup_elem(&mt_sk_addrs, peer);
@@ -66,16 +73,13 @@ static __always_inline __s64 mt_peer_queued(struct sk_msg_md *msg, struct mt_sk_
 			return MT_PEER_NOT_OURS;
 		if (!pa->addr)
 			return MT_PEER_UNKNOWN;
-		addr = pa->addr;
-		sk = mt_kernel_ptr(addr, struct sock);
-		if ((__u64)sk->__sk_common.skc_cookie.counter != pa->cookie)
-			return MT_PEER_UNKNOWN;
-		psock = mt_psock_direct(sk);
+		psock = mt_live_psock(pa->addr, pa->cookie);
 		if (!psock)
 			return MT_PEER_UNKNOWN;
-		st->peer_addr = addr;
+		st->peer_addr = pa->addr;
 		st->peer_cookie = pa->cookie;
 	}
+	sk = mt_kernel_ptr(st->peer_addr, struct sock);
 	/* Blocking reads (see below): no end may be blocking. An end not accepted yet (no file)
 	 * does not stop the redirect: a client commonly sends before the server accepts, and
 	 * should the accepted socket turn out blocking, the first send after that moves the
@@ -87,7 +91,7 @@ static __always_inline __s64 mt_peer_queued(struct sk_msg_md *msg, struct mt_sk_
 		return MT_PEER_BLOCKING;
 	if (want_caught_up) {
 		struct tcp_sock *otp = mt_kernel_ptr(msg->sk, struct tcp_sock);
-		struct tcp_sock *ptp = mt_kernel_ptr(addr, struct tcp_sock);
+		struct tcp_sock *ptp = mt_kernel_ptr(st->peer_addr, struct tcp_sock);
 
 		*caught_up = otp->write_seq == ptp->copied_seq;
 	}

@@ -408,12 +408,7 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 				agentMetrics = append(agentMetrics, m.name)
 				continue
 			}
-			vals := map[string][]float64{}
-			for _, s := range samples {
-				if s.Case == m.name {
-					vals[s.Mode] = append(vals[s.Mode], s.Value)
-				}
-			}
+			vals := byMode(samples, m.name)
 			p, n, a, c := median(vals["plain"]), median(vals["naive"]), median(vals["accel"]), median(vals["control"])
 			ours[m.name] = a
 			if !math.IsNaN(a / p) {
@@ -431,12 +426,7 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 	}
 	tw.Flush()
 	for _, name := range agentMetrics {
-		vals := map[string][]float64{}
-		for _, s := range samples {
-			if s.Case == name {
-				vals[s.Mode] = append(vals[s.Mode], s.Value)
-			}
-		}
+		vals := byMode(samples, name)
 		n, a := median(vals["naive"]), median(vals["accel"])
 		fmt.Printf("%s (the sk_msg verdict's run time per send, kernel BPF statistics, 2 s of 64 B stream): naive %.0f ns, ours %.0f ns (%.2fx); samples %s | %s\n",
 			name, n, a, a/n, fmtList(vals["naive"]), fmtList(vals["accel"]))
@@ -492,6 +482,17 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 	fmt.Printf("bench-accel: rtt_p50_ratio=%s bulk_ratio=%s small_stream_ratio=%s worst_ratio=%s envoy_rps_ratio=%s connect4_rps_ratio=%s queue_ratio=%s victim_tput_ratio=%s victim_p99_ratio=%s control_worst_ratio=%s\n",
 		ratio("go_pingpong_64B_p50"), ratio("bulk_128KiB"), fmtRatio(small), fmtRatio(worst), fmtRatio(envoyRatio), fmtRatio(connect4Ratio),
 		ratio("queue_bytes"), fmtRatio(victim), fmtRatio(victimP99), fmtRatio(controlWorst))
+}
+
+// byMode collects the samples of one case by mode.
+func byMode(samples []sample, name string) map[string][]float64 {
+	vals := map[string][]float64{}
+	for _, s := range samples {
+		if s.Case == name {
+			vals[s.Mode] = append(vals[s.Mode], s.Value)
+		}
+	}
+	return vals
 }
 
 func fmtRatio(v float64) string {
