@@ -428,7 +428,7 @@ func report(samples []sample, envoy map[string][]envoyResult, o opts) {
 	for _, name := range agentMetrics {
 		vals := byMode(samples, name)
 		n, a := median(vals["naive"]), median(vals["accel"])
-		fmt.Printf("%s (the sk_msg verdict's run time per send, kernel BPF statistics, 2 s of 64 B stream): naive %.0f ns, ours %.0f ns (%.2fx); samples %s | %s\n",
+		fmt.Printf("%s (the sk_msg verdict's run time per send, kernel BPF statistics, 2 s of 64 B ping-pong): naive %.0f ns, ours %.0f ns (%.2fx); samples %s | %s\n",
 			name, n, a, a/n, fmtList(vals["naive"]), fmtList(vals["accel"]))
 	}
 	fmt.Printf("(medians of %d interleaved reps of %s, %s for go_stream_64B/1KiB; ours = the agent's default; for latency lower is better;"+
